@@ -1,0 +1,37 @@
+"""Incremental detokenization with stop strings.
+
+Text is released only when it is final: never a partial UTF-8 character, and never the tail that
+could still grow into a stop string.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.released = 0  # characters of the text already handed out
+
+    def update(self, output_ids: list[int]) -> tuple[str, bool]:
+        """Full text of `output_ids` (cut before the first stop string) and whether one was hit."""
+        text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s, max(0, self.released - len(s)))
+            if at >= 0:
+                return text[:at], True
+        return text, False
+
+    def release(self, text: str, final: bool) -> str:
+        """The part of `text` that can be shown now and was not shown before."""
+        end = len(text)
+        if not final:
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                end = len(text.rstrip("\ufffd"))
+            end = max(self.released, end - self.holdback)
+        delta = text[self.released:end]
+        self.released = max(self.released, end)
+        return delta

@@ -1,0 +1,81 @@
+"""Paged key/value cache. One pool of blocks serves every layer: a block holds `block_size`
+positions of one layer, so a request that exits at layer k holds blocks for layers 1..k only."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class SequenceKV:
+    """The block table of one sequence: `tables[l - 1]` lists the blocks of layer l."""
+
+    def __init__(self):
+        self.tables: list[list[int]] = []
+        self.capacity = 0  # positions every allocated layer can hold
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.tables)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(len(t) for t in self.tables)
+
+
+class KVCache:
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # Zero-filled so padded reads are finite (their attention weight is exactly 0).
+        self.k = torch.zeros(num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self._free: deque[int] = deque(range(num_blocks))
+        self._arange = torch.arange(block_size)
+
+    # ---- allocation ----------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def blocks_needed(self, seq: SequenceKV, num_layers: int, num_positions: int) -> int:
+        per_layer = -(-num_positions // self.block_size)
+        return sum(max(0, per_layer - (len(seq.tables[l]) if l < seq.num_layers else 0))
+                   for l in range(num_layers))
+
+    def reserve(self, seq: SequenceKV, num_layers: int, num_positions: int) -> bool:
+        """Grow `seq` to hold `num_positions` in layers 1..num_layers; False (and no change) when
+        the pool is short."""
+        if self.blocks_needed(seq, num_layers, num_positions) > len(self._free):
+            return False
+        per_layer = -(-num_positions // self.block_size)
+        while seq.num_layers < num_layers:
+            seq.tables.append([])
+        for table in seq.tables[:num_layers]:
+            while len(table) < per_layer:
+                table.append(self._free.popleft())
+        seq.capacity = min(len(t) for t in seq.tables) * self.block_size
+        return True
+
+    def release(self, seq: SequenceKV) -> None:
+        for table in seq.tables:
+            self._free.extend(table)
+        seq.tables, seq.capacity = [], 0
+
+    # ---- addressing ----------------------------------------------------------------------
+    def slots(self, tables: list[list[int]], num_positions: int) -> torch.Tensor:
+        """Flat slot indices [len(tables), num_positions] of positions 0..num_positions-1
+        (tables shorter than that are padded with block 0; callers mask those positions)."""
+        width = -(-num_positions // self.block_size)
+        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
+                              dtype=torch.long).view(len(tables), width)
+        flat = (padded[:, :, None] * self.block_size + self._arange).view(len(tables), -1)
+        return flat[:, :num_positions]
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k.index_copy_(0, slots, k)
+        self.v.index_copy_(0, slots, v)

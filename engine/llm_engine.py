@@ -1,0 +1,156 @@
+"""The engine: add requests, call `step()` until they finish. Each step the scheduler picks rows,
+the runner computes them (each row to its own exit layer), the sampler picks tokens."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from models.checkpoint import Checkpoint
+
+from .detokenizer import Detokenizer
+from .kv_cache import KVCache, SequenceKV
+from .model_runner import ModelRunner, Row
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import SamplingParams, Sequence
+from .weights import ModelWeights
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "cpu"
+    max_num_seqs: int = 32              # rows running at once
+    max_num_batched_tokens: int = 512   # tokens one step may compute (decodes plus prefill chunks)
+    block_size: int = 16
+    num_kv_blocks: int | None = None    # default: max_num_seqs full-context sequences at full depth
+    num_threads: int | None = None      # torch CPU threads (default: torch's choice)
+
+
+@dataclass
+class StepOutput:
+    """What one step did for one sequence: the token it added and the text now final."""
+
+    seq: Sequence
+    token_id: int | None
+    text_delta: str
+    finished: bool
+
+
+class LLMEngine:
+    def __init__(self, ckpt: Checkpoint, config: EngineConfig = EngineConfig()):
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.model_config = mc = ckpt.config
+        self.tokenizer = ckpt.tokenizer
+        gen = ckpt.generation_config
+        self.bos_id: int | None = gen.get("bos_token_id")
+        eos = gen.get("eos_token_id")
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.weights = ModelWeights.from_checkpoint(ckpt, config.backend)
+        blocks_per_seq = -(-mc.max_position_embeddings // config.block_size) * mc.num_hidden_layers
+        self.kv_cache = KVCache(config.num_kv_blocks or config.max_num_seqs * blocks_per_seq,
+                                config.block_size, mc.num_key_value_heads, mc.head_dim)
+        self.runner = ModelRunner(self.weights, self.kv_cache)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        self._detokenizers: dict[Sequence, Detokenizer] = {}
+
+    # ---- requests --------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Tokenizer ids of `text`, with the BOS id prepended when the checkpoint defines one."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    exit_layer: int | None = None, request_id: str | None = None) -> Sequence:
+        """Queue a request; raises ValueError naming the field when it cannot be served."""
+        mc = self.model_config
+        exit_layer = mc.num_hidden_layers if exit_layer is None else exit_layer
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= mc.num_hidden_layers:
+            raise ValueError(f"exit_layer must be in 1..{mc.num_hidden_layers}, got {exit_layer!r}")
+        if not prompt_ids:
+            raise ValueError("the prompt must contain at least one token")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in 0..{mc.vocab_size - 1}, got {bad[:5]}")
+        if len(prompt_ids) >= mc.max_position_embeddings:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds "
+                             f"{mc.max_position_embeddings} including at least one generated token")
+        need = self.kv_cache.blocks_needed(SequenceKV(), exit_layer,
+                                           min(len(prompt_ids) + params.max_tokens, mc.max_position_embeddings))
+        if need > self.kv_cache.num_blocks:
+            raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
+        seq = Sequence(list(prompt_ids), params, exit_layer)
+        if request_id is not None:
+            seq.request_id = request_id
+        self._detokenizers[seq] = Detokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request now and free its KV blocks."""
+        if not seq.finished:
+            seq.finish_reason = "abort"
+            self._finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        now = time.perf_counter()
+        rows = []
+        for seq, n in batch:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            completes = seq.num_computed + n == seq.num_tokens  # logits needed only then
+            rows.append(Row(seq.all_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
+                            seq.exit_layer, seq.kv, {seq.exit_layer: "last"} if completes else {}))
+        logits = self.runner.forward(rows)
+        outputs = []
+        for (seq, n), out in zip(batch, logits):
+            seq.num_computed += n
+            if seq.exit_layer in out:
+                outputs.append(self._append_token(seq, out[seq.exit_layer][-1]))
+        return outputs
+
+    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        token = sample(logits, seq.params, seq.generator)
+        seq.output_ids.append(token)
+        seq.exit_layers.append(seq.exit_layer)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        detok = self._detokenizers[seq]
+        text, hit_stop = detok.update(seq.output_ids)
+        seq.text = text
+        if hit_stop or (token in self.eos_ids and not seq.params.ignore_eos):
+            seq.finish_reason = "stop"
+        elif (len(seq.output_ids) >= seq.params.max_tokens
+              or seq.num_tokens >= self.model_config.max_position_embeddings):
+            seq.finish_reason = "length"
+        if seq.finish_reason:
+            self._finish(seq)
+        return StepOutput(seq, token, detok.release(text, seq.finished), seq.finished)
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+        self._detokenizers.pop(seq, None)
+
+    # ---- offline use -------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+                 exit_layers: list[int] | int | None = None) -> list[Sequence]:
+        """Run requests to completion, batched; returns them in the order given."""
+        if not isinstance(exit_layers, list):
+            exit_layers = [exit_layers] * len(prompts)
+        seqs = [self.add_request(p, params, k) for p, k in zip(prompts, exit_layers)]
+        while self.has_unfinished():
+            self.step()
+        return seqs
+

@@ -1,0 +1,76 @@
+"""Chooses the rows of the next step: every running sequence first (so streams keep flowing),
+then new prompts in chunks, all under one per-step token budget."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .kv_cache import KVCache
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+        self.kv_cache = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """[(sequence, number of its next tokens to compute)] for one step."""
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an earlier one
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self._reserve(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._reserve(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and free its KV blocks."""
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv_cache.release(seq.kv)
+
+    def _reserve(self, seq: Sequence, n: int) -> bool:
+        return self.kv_cache.reserve(seq.kv, seq.exit_layer, seq.num_computed + n)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's KV and queue it first again; it is recomputed from its tokens."""
+        self.running.remove(seq)
+        self.kv_cache.release(seq.kv)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

@@ -1,0 +1,61 @@
+"""The engine's copy of a checkpoint: float embeddings, norms and head, and fused ternary
+projections (q/k/v as one, gate/up as one) on the chosen backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.checkpoint import Checkpoint, pack_state
+from models.config import BitSkipConfig
+
+from .kernels import PackedWeight, TernaryLinear, ternary_linear
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    qkv_proj: TernaryLinear
+    o_proj: TernaryLinear
+    gate_up_proj: TernaryLinear
+    down_proj: TernaryLinear
+
+
+@dataclass
+class ModelWeights:
+    config: BitSkipConfig
+    embed_tokens: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, backend: str = "cpu") -> "ModelWeights":
+        return cls.from_tensors(ckpt.config, ckpt.tensors, backend)
+
+    @classmethod
+    def from_tensors(cls, config: BitSkipConfig, tensors: dict[str, torch.Tensor],
+                     backend: str = "cpu") -> "ModelWeights":
+        """Build from packed or latent tensors (latent ones are packed first)."""
+        t = pack_state(tensors, config)
+
+        def proj(*names: str) -> TernaryLinear:
+            parts = [PackedWeight(t[f"{n}.qweight"], float(t[f"{n}.weight_scale"])) for n in names]
+            return ternary_linear(parts, config.activation_bits, config.hadamard, backend)
+
+        layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}"
+            layers.append(LayerWeights(
+                input_norm=t[f"{p}.input_layernorm.weight"].float(),
+                post_attention_norm=t[f"{p}.post_attention_layernorm.weight"].float(),
+                qkv_proj=proj(f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"),
+                o_proj=proj(f"{p}.self_attn.o_proj"),
+                gate_up_proj=proj(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
+                down_proj=proj(f"{p}.mlp.down_proj"),
+            ))
+        embed = t["model.embed_tokens.weight"].float()
+        head = embed if config.tie_word_embeddings else t["lm_head.weight"].float()
+        return cls(config, embed, layers, t["model.norm.weight"].float(), head)

@@ -1,0 +1,62 @@
+"""Float operations of the BitSkip block, shared by the reference model and the engine.
+
+Quantized projections make tiny float differences visible: one flipped rounding changes an
+integer code. So every reduction here accumulates in float64 and rounds once to float32. The
+result then does not depend on the batch shape, the thread count or a KV cache, and the engine
+reproduces the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 (the mean accumulated in float64)."""
+    mean_sq = x.double().square().mean(dim=-1, keepdim=True).float()
+    return x / torch.sqrt(mean_sq + eps) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up, evaluated in float64 so vectorized and scalar paths agree."""
+    return (F.silu(gate.double()) * up.double()).float()
+
+
+def rope_tables(num_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [num_positions, head_dim] for the rotate-half layout (computed in float64)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, heads, head_dim]; cos, sin [T, head_dim] for the positions of x."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention in float64, rounded to float32 once.
+
+    q [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; mask [B or 1, Tq, Tk] bool, True where a query may
+    attend. Query head j reads KV head j // (H / Hkv). Returns [B, Tq, H * D].
+    """
+    b, tq, h, d = q.shape
+    group = h // k.shape[2]
+    qd = q.double().transpose(1, 2)                                   # [B, H, Tq, D]
+    kd = k.double().repeat_interleave(group, dim=2).transpose(1, 2)   # [B, H, Tk, D]
+    vd = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = (qd @ kd.transpose(-1, -2)) * (d ** -0.5)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vd                          # [B, H, Tq, D]
+    return out.transpose(1, 2).reshape(b, tq, h * d).float()
+
+
+def causal_mask(num_queries: int, num_keys: int) -> torch.Tensor:
+    """[1, Tq, Tk] mask for queries that are the last Tq of Tk positions."""
+    offset = num_keys - num_queries
+    q_pos = torch.arange(num_queries)[:, None] + offset
+    return (torch.arange(num_keys)[None, :] <= q_pos)[None]

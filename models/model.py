@@ -1,0 +1,143 @@
+"""Reference BitSkip modules: DESIGN section 2 written plainly, trainable with the
+straight-through estimator. The engine is tested against these (same inputs, same outputs)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BitSkipConfig
+from .functional import apply_rope, attention, causal_mask, rms_norm, rope_tables, swiglu
+from .quant import activation_qmax, hadamard_transform, quantize_activations, ternarize
+
+
+class BitLinear(nn.Module):
+    """y = (q @ T^T) * (s / Q) * gamma, from a latent float weight [out, in]."""
+
+    def __init__(self, in_features: int, out_features: int, config: BitSkipConfig):
+        super().__init__()
+        self.in_features = in_features
+        self.bits = config.activation_bits
+        self.hadamard = config.hadamard
+        self.weight = nn.Parameter(torch.empty(out_features, config.in_features(in_features)))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hadamard:
+            x = hadamard_transform(x, self.weight.shape[1])
+        q, s = quantize_activations(x, self.bits)
+        t, gamma = ternarize(self.weight)
+        # q and t hold small integers, so this float32 product is the exact integer dot product.
+        return F.linear(q, t) * (s / activation_qmax(self.bits)) * gamma
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BitSkipConfig):
+        super().__init__()
+        h, hd = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, hd)
+        self.q_proj = BitLinear(h, self.num_heads * hd, config)
+        self.k_proj = BitLinear(h, self.num_kv_heads * hd, config)
+        self.v_proj = BitLinear(h, self.num_kv_heads * hd, config)
+        self.o_proj = BitLinear(self.num_heads * hd, h, config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        return self.o_proj(attention(q, k, v, causal_mask(t, t)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BitSkipConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = BitLinear(h, f, config)
+        self.up_proj = BitLinear(h, f, config)
+        self.down_proj = BitLinear(f, h, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: BitSkipConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: BitSkipConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        nn.init.normal_(self.embed_tokens.weight, std=0.02)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BitSkipForCausalLM(nn.Module):
+    """Decoder plus one shared head; `forward` returns logits at any set of exit layers."""
+
+    def __init__(self, config: BitSkipConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        cos, sin = rope_tables(config.max_position_embeddings, config.head_dim, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The shared head: lm_head(RMSNorm_final(h)), applied at every exit."""
+        return self.lm_head(self.model.norm(h))
+
+    def hidden_states(self, input_ids: torch.Tensor, num_layers: int | None = None,
+                      skip: Iterable[int] = ()) -> list[torch.Tensor]:
+        """[h_0, h_1, ..., h_k] for blocks 1..k (k = num_layers, default L).
+
+        Blocks in `skip` (1-based) act as the identity: layer dropout for a whole batch.
+        """
+        k = self.config.num_hidden_layers if num_layers is None else num_layers
+        if not 1 <= k <= self.config.num_hidden_layers:
+            raise ValueError(f"exit layer must be in 1..{self.config.num_hidden_layers}, got {k}")
+        t = input_ids.shape[1]
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        skip = set(skip)
+        states = [self.model.embed_tokens(input_ids)]
+        for layer, block in enumerate(self.model.layers[:k], start=1):
+            h = states[-1]
+            states.append(h if layer in skip else block(h, cos, sin))
+        return states
+
+    def forward(self, input_ids: torch.Tensor, exit_layers: Iterable[int] | None = None
+                ) -> dict[int, torch.Tensor]:
+        """Logits [B, T, vocab] at each requested exit layer (1-based; default: the full model)."""
+        layers = sorted(set(exit_layers or [self.config.num_hidden_layers]))
+        states = self.hidden_states(input_ids, layers[-1])
+        return {k: self.exit_logits(states[k]) for k in layers}

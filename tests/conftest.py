@@ -1,0 +1,49 @@
+"""Shared fixtures: small reference models and the packed checkpoints made from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.checkpoint import latent_state, load_checkpoint, pack_state, save_checkpoint
+from models.config import preset
+from models.model import BitSkipForCausalLM
+from models.tokenizer import byte_level_tokenizer, default_generation_config
+
+
+def reference_model(variant: str = "v1", seed: int = 0, **overrides) -> BitSkipForCausalLM:
+    """A tiny-test reference model with random weights (eval mode)."""
+    import dataclasses
+    torch.manual_seed(seed)
+    config = dataclasses.replace(preset("tiny-test", variant), **overrides)
+    model = BitSkipForCausalLM(config).eval()
+    # Larger norm weights than 1.0 spread activations so more codes are exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def write_packed(model: BitSkipForCausalLM, path) -> "Checkpoint":  # noqa: F821
+    save_checkpoint(path, model.config, pack_state(latent_state(model), model.config),
+                    byte_level_tokenizer(), default_generation_config())
+    return load_checkpoint(path)
+
+
+@pytest.fixture(params=["v1", "v2", "v3"])
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(tmp_path, variant):
+    """(reference model, packed checkpoint of the same weights) for each variant."""
+    model = reference_model(variant)
+    return model, write_packed(model, tmp_path / f"tiny-{variant}")
+
+
+@pytest.fixture
+def tiny_v1(tmp_path):
+    model = reference_model("v1")
+    return model, write_packed(model, tmp_path / "tiny-v1")
