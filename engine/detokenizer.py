@@ -19,10 +19,9 @@ class Detokenizer:
     def update(self, output_ids: list[int]) -> tuple[str, bool]:
         """Full text of `output_ids` (cut before the first stop string) and whether one was hit."""
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s, max(0, self.released - len(s)))
-            if at >= 0:
-                return text[:at], True
+        hits = [at for s in self.stop if (at := text.find(s, max(0, self.released - len(s)))) >= 0]
+        if hits:  # cut at the earliest stop string, whichever of them it is
+            return text[:min(hits)], True
         return text, False
 
     def release(self, text: str, final: bool) -> str:

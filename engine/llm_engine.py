@@ -37,6 +37,7 @@ class StepOutput:
     token_id: int | None
     text_delta: str
     finished: bool
+    error: str | None = None
 
 
 class LLMEngine:
@@ -57,6 +58,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.weights, self.kv_cache)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._detokenizers: dict[Sequence, Detokenizer] = {}
+        self.last_batch: list[Sequence] = []  # the sequences of the latest step
 
     # ---- requests --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -64,9 +66,10 @@ class LLMEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-                    exit_layer: int | None = None, request_id: str | None = None) -> Sequence:
-        """Queue a request; raises ValueError naming the field when it cannot be served."""
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                         exit_layer: int | None = None) -> Sequence:
+        """A new Sequence for this request; raises ValueError naming the field when it cannot be
+        served. Touches no engine state, so any thread may call it."""
         mc = self.model_config
         exit_layer = mc.num_hidden_layers if exit_layer is None else exit_layer
         if not isinstance(exit_layer, int) or not 1 <= exit_layer <= mc.num_hidden_layers:
@@ -83,17 +86,26 @@ class LLMEngine:
                                            min(len(prompt_ids) + params.max_tokens, mc.max_position_embeddings))
         if need > self.kv_cache.num_blocks:
             raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
-        seq = Sequence(list(prompt_ids), params, exit_layer)
+        return Sequence(list(prompt_ids), params, exit_layer)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a validated sequence; it joins the running batch at the next step."""
+        self._detokenizers[seq] = Detokenizer(self.tokenizer, seq.params.stop)
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    exit_layer: int | None = None, request_id: str | None = None) -> Sequence:
+        """Validate and queue a request; raises ValueError naming the field when it cannot be served."""
+        seq = self.validate_request(prompt_ids, params, exit_layer)
         if request_id is not None:
             seq.request_id = request_id
-        self._detokenizers[seq] = Detokenizer(self.tokenizer, params.stop)
-        self.scheduler.add(seq)
+        self.add_sequence(seq)
         return seq
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
         """Stop a request now and free its KV blocks."""
         if not seq.finished:
-            seq.finish_reason = "abort"
+            seq.finish_reason = reason
             self._finish(seq)
 
     def has_unfinished(self) -> bool:
@@ -102,6 +114,7 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
+        self.last_batch = [seq for seq, _ in batch]
         if not batch:
             return []
         now = time.perf_counter()
@@ -117,7 +130,11 @@ class LLMEngine:
         for (seq, n), out in zip(batch, logits):
             seq.num_computed += n
             if seq.exit_layer in out:
-                outputs.append(self._append_token(seq, out[seq.exit_layer][-1]))
+                try:
+                    outputs.append(self._append_token(seq, out[seq.exit_layer][-1]))
+                except Exception as e:  # one request's failure must not end the others
+                    self.abort(seq, reason="error")
+                    outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
         return outputs
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:

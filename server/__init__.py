@@ -1,0 +1,1 @@
+"""How BitSkip is served: CLI, HTTP app, schemas and metrics."""

@@ -1,0 +1,420 @@
+"""The FastAPI app: /generate, /v1/completions, /v1/models, /perplexity, /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFailed, RequestStream
+from engine.llm_engine import LLMEngine
+from engine.perplexity import perplexity
+from engine.sequence import SamplingParams, Sequence
+
+from .metrics import Metrics
+from .schemas import CompletionRequest, GenerateRequest, PerplexityRequest, SamplingFields
+
+log = logging.getLogger("bitskip.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str = "bitskip"
+    api_key: str | None = None
+    max_queue: int = 256
+    drain_timeout: float = 30.0   # seconds running requests get to finish on shutdown
+    ready_heartbeat: float = 10.0  # /ready fails when the loop has not gone round for this long
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param}},
+                        status_code=status, headers=headers)
+
+
+def _validation_message(err: dict) -> tuple[str, str | None]:
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
+    param = ".".join(loc) or None
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    if "prompt and token_ids" in msg or "text and token_ids" in msg:
+        return msg, "prompt" if "prompt" in msg else "text"
+    if param is None:
+        return msg, None
+    if err.get("type") == "missing":
+        return f"{param} is required", param
+    return f"{param}={err.get('input')!r} is invalid: {msg}", param
+
+
+class Server:
+    """Holds the engine loop, metrics and settings; its methods are the endpoint bodies."""
+
+    def __init__(self, engine: LLMEngine, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.config = engine.model_config
+        self.metrics = Metrics(self.config.num_hidden_layers)
+        self.loop = AsyncEngine(engine, settings.max_queue, self._on_step)
+        m = self.metrics
+        m.requests_running.set_function(lambda: self.loop.num_running)
+        m.requests_waiting.set_function(lambda: self.loop.num_waiting)
+        m.kv_cache_usage.set_function(engine.kv_cache.usage)
+        self._preemptions_seen = 0
+
+    def _on_step(self, outputs, seconds: float) -> None:
+        self.metrics.step_seconds.observe(seconds)
+        n = self.engine.scheduler.num_preemptions
+        if n > self._preemptions_seen:
+            self.metrics.preemptions.inc(n - self._preemptions_seen)
+            self._preemptions_seen = n
+
+    # ---- validation shared by the endpoints ------------------------------------------------
+    def reject(self, reason: str, error: APIError) -> APIError:
+        self.metrics.rejected.labels(reason).inc()
+        return error
+
+    def check_exit_layer(self, value: int | None, param: str = "exit_layer") -> int:
+        L = self.config.num_hidden_layers
+        if value is None:
+            return L
+        if not 1 <= value <= L:
+            raise self.reject("validation", APIError(
+                422, f"{param}={value!r} is out of range: allowed 1..{L}", param=param))
+        return value
+
+    def check_token_ids(self, ids: list[int], param: str = "token_ids") -> None:
+        v = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < v]
+        if bad:
+            raise self.reject("validation", APIError(
+                422, f"{param} contains {bad[:5]}: ids must be in 0..{v - 1}", param=param))
+        if not ids:
+            raise self.reject("validation", APIError(422, f"{param} is empty: at least 1 token is needed",
+                                                     param=param))
+
+    def prompt_ids(self, prompt: str | None, token_ids: list[int] | None, param: str = "prompt") -> list[int]:
+        if token_ids is not None:
+            self.check_token_ids(token_ids)
+            ids = list(token_ids)
+        else:
+            ids = self.engine.encode(prompt)
+        ctx = self.config.max_position_embeddings
+        if len(ids) >= ctx:
+            raise self.reject("prompt_too_long", APIError(
+                413, f"{param} has {len(ids)} tokens: allowed at most {ctx - 1} (context {ctx})",
+                param=param))
+        return ids
+
+    def sampling_params(self, body: SamplingFields) -> tuple[SamplingParams, int]:
+        if body.policy == "confidence":
+            raise self.reject("validation", APIError(
+                422, "policy='confidence' is not available on this server yet: allowed policies ['fixed']",
+                param="policy"))
+        exit_layer = self.check_exit_layer(body.exit_layer)
+        try:
+            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
+                                    top_k=body.top_k, top_p=body.top_p, seed=body.seed,
+                                    stop=tuple(body.stop_list), ignore_eos=body.ignore_eos)
+        except ValueError as e:
+            raise self.reject("validation", APIError(422, str(e))) from None
+        return params, exit_layer
+
+    def submit(self, ids: list[int], params: SamplingParams, exit_layer: int) -> RequestStream:
+        try:
+            return self.loop.submit(ids, params, exit_layer)
+        except QueueFull as e:
+            raise self.reject("queue_full", APIError(429, str(e), "rate_limit_error",
+                                                     headers={"Retry-After": "1"})) from None
+        except EngineStopped as e:
+            raise self.reject("shutting_down", APIError(503, str(e), "unavailable",
+                                                        headers={"Retry-After": "5"})) from None
+        except ValueError as e:
+            raise self.reject("validation", APIError(422, str(e))) from None
+
+    # ---- running a request -----------------------------------------------------------------
+    async def outputs(self, stream: RequestStream) -> AsyncIterator:
+        """The request's outputs; records its latency metrics; aborts it if the caller leaves."""
+        seq = stream.seq
+        label = str(seq.exit_layer)
+        m = self.metrics
+        last = None
+        try:
+            async for out in stream:
+                now = time.perf_counter()
+                if out.token_id is not None:
+                    if last is None:
+                        m.time_to_first_token.labels(label).observe(now - seq.arrival_time)
+                    else:
+                        m.inter_token_latency.labels(label).observe(now - last)
+                    last = now
+                    m.observe_tokens(label, [seq.exit_layer])
+                yield out
+            m.request_latency.labels(label).observe(time.perf_counter() - seq.arrival_time)
+        finally:
+            if not seq.finished:  # the client went away, or an error: free the KV now
+                self.loop.abort(stream)
+
+    async def run_to_completion(self, request: Request, stream: RequestStream) -> Sequence:
+        """Collect a request's outputs; abort it if the client disconnects first."""
+        async def collect():
+            async for _ in self.outputs(stream):
+                pass
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.create_task(collect()), asyncio.create_task(disconnected())
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if work not in done:
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            raise APIError(499, "client disconnected", "client_closed")
+        work.result()  # re-raises RequestFailed
+        return stream.seq
+
+
+def usage(seq: Sequence) -> dict:
+    return {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
+            "total_tokens": seq.num_tokens}
+
+
+def timing(seq: Sequence) -> dict:
+    def since(t):
+        return None if t is None else t - seq.arrival_time
+    return {"queue": since(seq.first_scheduled_time), "first_token": since(seq.first_token_time),
+            "total": since(seq.finish_time)}
+
+
+def generate_result(seq: Sequence) -> dict:
+    return {"id": seq.request_id, "text": seq.text, "token_ids": seq.output_ids,
+            "exit_layers": seq.exit_layers, "finish_reason": seq.finish_reason,
+            "usage": usage(seq), "timing": timing(seq)}
+
+
+def sse(data) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    server = Server(engine, settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.loop.start()
+        log.info("serving %s (%d layers) with %s", settings.model_name,
+                 server.config.num_hidden_layers, engine.config.backend)
+        yield
+        log.info("shutting down: draining running requests (up to %.0fs)", settings.drain_timeout)
+        await server.loop.shutdown(settings.drain_timeout)
+
+    app = FastAPI(title="BitSkip Serve", lifespan=lifespan)
+    app.state.server = server
+
+    app.add_middleware(AuthAndCount, server=server, open_paths={"/health", "/ready", "/metrics"})
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return error_response(e.status, e.message, e.type, e.param, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        server.metrics.rejected.labels("validation").inc()
+        errors = e.errors()
+        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        return error_response(422, message, "invalid_request_error", param)
+
+    @app.exception_handler(RequestFailed)
+    async def request_failed(request: Request, e: RequestFailed):
+        return error_response(500, f"the request failed inside the engine: {e}", "internal_error")
+
+    # ---- generation ----------------------------------------------------------------------
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request,
+                       exit_layer: int | None = Query(None, description="overrides the body's exit_layer")):
+        if exit_layer is not None:
+            body = body.model_copy(update={"exit_layer": exit_layer})
+        params, k = server.sampling_params(body)
+        ids = server.prompt_ids(body.prompt, body.token_ids)
+        stream = server.submit(ids, params, k)
+        if not body.stream:
+            return generate_result(await server.run_to_completion(request, stream))
+
+        async def events():
+            try:
+                async for out in server.outputs(stream):
+                    if out.token_id is not None:
+                        yield sse({"token_id": out.token_id, "text": out.text_delta,
+                                   "exit_layer": stream.seq.exit_layers[-1]})
+                    elif out.text_delta:
+                        yield sse({"text": out.text_delta})
+                yield sse(generate_result(stream.seq))
+            except RequestFailed as e:
+                yield sse({"error": {"message": str(e), "type": "internal_error", "param": None}})
+            finally:
+                if not stream.seq.finished:  # the client went away mid-stream
+                    server.loop.abort(stream)
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        prompt, token_ids = _single_prompt(body.prompt)
+        params, k = server.sampling_params(body)
+        ids = server.prompt_ids(prompt, token_ids)
+        stream = server.submit(ids, params, k)
+        created = int(time.time())
+        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+
+        def chunk(text: str, finish_reason: str | None, seq: Sequence | None = None) -> dict:
+            d = {"id": cid, "object": "text_completion", "created": created, "model": settings.model_name,
+                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
+            if seq is not None:
+                d["usage"] = usage(seq)
+                d["exit_layers"] = seq.exit_layers
+            return d
+
+        if not body.stream:
+            seq = await server.run_to_completion(request, stream)
+            return chunk(seq.text, _openai_finish(seq.finish_reason), seq)
+
+        async def events():
+            try:
+                async for out in server.outputs(stream):
+                    if out.text_delta:
+                        yield sse(chunk(out.text_delta, None))
+                yield sse(chunk("", _openai_finish(stream.seq.finish_reason), stream.seq))
+            except RequestFailed as e:
+                yield sse({"error": {"message": str(e), "type": "internal_error", "param": None}})
+            finally:
+                if not stream.seq.finished:  # the client went away mid-stream
+                    server.loop.abort(stream)
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/v1/models")
+    async def models():
+        c = server.config
+        return {"object": "list", "data": [{
+            "id": settings.model_name, "object": "model", "created": 0, "owned_by": "bitskip",
+            "max_model_len": c.max_position_embeddings, "num_layers": c.num_hidden_layers,
+            "exit_points": list(c.exit_points)}]}
+
+    # ---- scoring ---------------------------------------------------------------------------
+    @app.post("/perplexity")
+    async def score(body: PerplexityRequest):
+        c = server.config
+        layers = body.exit_layers or sorted(set(c.exit_points) | {c.num_hidden_layers})
+        for k in layers:
+            server.check_exit_layer(k, "exit_layers")
+        if body.token_ids is not None:
+            server.check_token_ids(body.token_ids)
+            ids = body.token_ids
+        else:
+            ids = engine.encode(body.text)
+        if len(ids) < 2:
+            raise server.reject("validation", APIError(
+                422, f"{'token_ids' if body.token_ids is not None else 'text'} has {len(ids)} token(s): "
+                     "at least 2 are needed (the first is context only)",
+                param="token_ids" if body.token_ids is not None else "text"))
+        result = await server.loop.run_job(lambda: perplexity(engine.runner, ids, layers))
+        return {"tokens": result.tokens,
+                "perplexity": {str(k): v for k, v in result.perplexity.items()},
+                "nll": {str(k): v for k, v in result.nll.items()}}
+
+    # ---- operations ------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        lag = time.monotonic() - server.loop.last_heartbeat
+        if server.loop.alive and lag < settings.ready_heartbeat:
+            return {"status": "ready", "model": settings.model_name}
+        return error_response(503, f"engine loop not stepping (last seen {lag:.1f}s ago)", "unavailable",
+                              headers={"Retry-After": "1"})
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class AuthAndCount:
+    """ASGI middleware: API-key check (when one is set) and bitskip_requests_total{endpoint, status}."""
+
+    def __init__(self, app, server: Server, open_paths: set[str]):
+        self.app, self.server, self.open_paths = app, server, open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        known = {r.path for r in scope["app"].routes} if "app" in scope else set()
+        endpoint = path if path in known else "other"
+        metrics, key = self.server.metrics, self.server.settings.api_key
+        if key and path not in self.open_paths and not _key_matches(scope, key):
+            metrics.rejected.labels("unauthorized").inc()
+            metrics.requests.labels(endpoint, "401").inc()
+            response = error_response(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        status = {}
+
+        async def send_and_record(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            if path != "/metrics":
+                metrics.requests.labels(endpoint, str(status.get("code", 500))).inc()
+
+
+def _key_matches(scope, key: str) -> bool:
+    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
+    auth = headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+    return secrets.compare_digest(given.encode(), key.encode())
+
+
+def _single_prompt(prompt) -> tuple[str | None, list[int] | None]:
+    """OpenAI prompts may be batches; one prompt per request is served."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return None, prompt
+    if len(prompt) == 1:
+        return _single_prompt(prompt[0])
+    raise APIError(422, f"prompt holds {len(prompt)} prompts: allowed is 1 per request", param="prompt")
+
+
+def _openai_finish(reason: str | None) -> str | None:
+    return "length" if reason == "length" else "stop" if reason in ("stop", "abort") else reason

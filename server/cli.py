@@ -1,0 +1,166 @@
+"""`bitskip`: init, pack, generate, perplexity and serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from models.checkpoint import CheckpointError, load_checkpoint, pack_checkpoint
+from models.config import PRESETS, VARIANTS, ConfigError, preset
+
+
+def _exit_layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layers like 6,12,18,24, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bitskip", description="Serve early-exit ternary (BitSkip) models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write a random-weight packed checkpoint")
+    s.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    s.add_argument("--variant", default="v1", choices=sorted(VARIANTS))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("dir", type=Path)
+
+    s = sub.add_parser("pack", help="convert a latent checkpoint to the packed form")
+    s.add_argument("src", type=Path)
+    s.add_argument("dst", type=Path)
+
+    s = sub.add_parser("generate", help="generate text at a fixed exit layer")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--exit-layer", type=int, default=None, help="blocks 1..K run (default: all)")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[])
+    s.add_argument("prompt")
+
+    s = sub.add_parser("perplexity", help="perplexity of a text file at several exit layers")
+    s.add_argument("--model", required=True, type=Path)
+    s.add_argument("--exit-layers", type=_exit_layers, default=None,
+                   help="comma-separated, e.g. 6,12,18,24 (default: exit points and L)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("file", type=Path)
+
+    s = sub.add_parser("serve", help="serve a model over HTTP (default: the bundled model)")
+    s.add_argument("--model", type=Path, default=os.environ.get("BITSKIP_MODEL"),
+                   help="checkpoint directory (default: $BITSKIP_MODEL, else the bundled default model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=32, help="requests running at once")
+    s.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
+    s.add_argument("--max-batched-tokens", type=int, default=512, help="tokens computed per engine step")
+    s.add_argument("--api-key", default=os.environ.get("BITSKIP_API_KEY"))
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds running requests get to finish after SIGTERM")
+    s.add_argument("--log-level", default="info")
+    return p
+
+
+def cmd_init(args) -> None:
+    from models.random_checkpoint import write_random_checkpoint
+    config = preset(args.preset, args.variant)
+    t0 = time.perf_counter()
+    write_random_checkpoint(args.dir, config, args.seed)
+    print(f"wrote {args.preset} ({args.variant}, {config.num_parameters() / 1e6:.1f}M parameters, "
+          f"packed) to {args.dir} in {time.perf_counter() - t0:.1f}s")
+
+
+def cmd_pack(args) -> None:
+    ckpt = pack_checkpoint(args.src, args.dst)
+    print(f"packed {args.src} -> {args.dst} ({ckpt.form})")
+
+
+def cmd_generate(args) -> None:
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    engine = LLMEngine(load_checkpoint(args.model), EngineConfig(max_num_seqs=1))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    t0 = time.perf_counter()
+    seq = engine.generate([engine.encode(args.prompt)], params, args.exit_layer)[0]
+    dt = time.perf_counter() - t0
+    print(seq.text)
+    print(f"[{len(seq.output_ids)} tokens at exit layer {seq.exit_layer} in {dt:.2f}s, "
+          f"finish_reason={seq.finish_reason}]", file=sys.stderr)
+
+
+def cmd_perplexity(args) -> None:
+    from engine.model_runner import ModelRunner
+    from engine.perplexity import perplexity
+    from engine.weights import ModelWeights
+    ckpt = load_checkpoint(args.model)
+    c = ckpt.config
+    layers = args.exit_layers or sorted(set(c.exit_points) | {c.num_hidden_layers})
+    bad = [k for k in layers if not 1 <= k <= c.num_hidden_layers]
+    if bad:
+        raise ValueError(f"--exit-layers must be in 1..{c.num_hidden_layers}, got {bad}")
+    try:
+        text = args.file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {args.file}: {e}") from None
+    gen = ckpt.generation_config
+    ids = ([gen["bos_token_id"]] if gen.get("bos_token_id") is not None else []) + \
+        ckpt.tokenizer.encode(text, add_special_tokens=False).ids
+    result = perplexity(ModelRunner(ModelWeights.from_checkpoint(ckpt)), ids, layers)
+    if args.json:
+        print(json.dumps({"tokens": result.tokens,
+                          "perplexity": {str(k): v for k, v in result.perplexity.items()},
+                          "nll": {str(k): v for k, v in result.nll.items()}}, indent=2))
+        return
+    print(f"{'exit layer':>10}  {'perplexity':>12}  {'nll':>8}   ({result.tokens} tokens scored)")
+    for k in layers:
+        print(f"{k:>10}  {result.perplexity[k]:>12.3f}  {result.nll[k]:>8.4f}")
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from engine import EngineConfig, LLMEngine
+    from models.default_model import resolve_model
+
+    from .app import ServerSettings, create_app
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = resolve_model(args.model)
+    engine = LLMEngine(load_checkpoint(path), EngineConfig(
+        max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
+        num_threads=args.threads))
+    settings = ServerSettings(model_name=path.name, api_key=args.api_key, max_queue=args.max_queue,
+                              drain_timeout=args.drain_timeout)
+    app = create_app(engine, settings)
+    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, finish in-flight requests
+    # (bounded), then run the app's shutdown, which drains the engine loop.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout)
+
+
+COMMANDS = {"init": cmd_init, "pack": cmd_pack, "generate": cmd_generate, "perplexity": cmd_perplexity,
+            "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Request bodies of the HTTP API (DESIGN section 5). Ranges that depend on the loaded model
+(exit layers, vocabulary, context) are checked in `server.app` against its config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TOKENS_LIMIT = 4096
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(0.0, ge=0.0, le=100.0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] | str | None = None
+    stream: bool = False
+    ignore_eos: bool = False
+    policy: Literal["fixed", "confidence"] = "fixed"
+    exit_layer: int | None = None
+    threshold: float | None = Field(None, ge=0.0, le=1.0)
+    min_exit_layer: int | None = None
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class GenerateRequest(SamplingFields):
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of prompt and token_ids")
+        return self
+
+
+class CompletionRequest(SamplingFields):
+    """OpenAI /v1/completions, with the BitSkip fields accepted as extra body fields."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+    model: str | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default
+    n: int = Field(1, ge=1, le=1)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=0)
+    user: str | None = None
+
+
+class PerplexityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    exit_layers: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.text is None) == (self.token_ids is None):
+            raise ValueError("give exactly one of text and token_ids")
+        return self
