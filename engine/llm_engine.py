@@ -72,7 +72,7 @@ class LLMEngine:
         served. Touches no engine state, so any thread may call it."""
         mc = self.model_config
         exit_layer = mc.num_hidden_layers if exit_layer is None else exit_layer
-        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= mc.num_hidden_layers:
+        if type(exit_layer) is not int or not 1 <= exit_layer <= mc.num_hidden_layers:
             raise ValueError(f"exit_layer must be in 1..{mc.num_hidden_layers}, got {exit_layer!r}")
         if not prompt_ids:
             raise ValueError("the prompt must contain at least one token")
