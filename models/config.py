@@ -195,6 +195,12 @@ PRESETS: dict[str, BitSkipConfig] = {
         vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
         exit_points=(1, 2, 3)),
+    # The bundled default model: 24 layers (so exit 18 of 24 means what it means in the paper),
+    # narrow enough to train on two CPU cores in about two hours.
+    "small-24l": BitSkipConfig(
+        vocab_size=4096, hidden_size=128, num_hidden_layers=24, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=384, max_position_embeddings=256,
+        exit_points=default_exit_points(24)),
     "paper-1b": BitSkipConfig(
         vocab_size=50257, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
         num_key_value_heads=8, intermediate_size=4096, max_position_embeddings=512,

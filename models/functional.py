@@ -55,6 +55,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return out.transpose(1, 2).reshape(b, tq, h * d).float()
 
 
+def causal_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Float32 causal GQA attention for training (fast, not batch-invariant); same layout as
+    `attention`."""
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(group, dim=2).transpose(1, 2),
+        v.repeat_interleave(group, dim=2).transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
 def causal_mask(num_queries: int, num_keys: int) -> torch.Tensor:
     """[1, Tq, Tk] mask for queries that are the last Tq of Tk positions."""
     offset = num_keys - num_queries

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BitSkipConfig
-from .functional import apply_rope, attention, causal_mask, rms_norm, rope_tables, swiglu
+from .functional import (apply_rope, attention, causal_attention_fast, causal_mask, rms_norm,
+                         rope_tables, swiglu)
 from .quant import activation_qmax, hadamard_transform, quantize_activations, ternarize
 
 
@@ -54,13 +55,16 @@ class Attention(nn.Module):
         self.k_proj = BitLinear(h, self.num_kv_heads * hd, config)
         self.v_proj = BitLinear(h, self.num_kv_heads * hd, config)
         self.o_proj = BitLinear(self.num_heads * hd, h, config)
+        self.exact = True  # float64 attention (golden numerics); training switches it off for speed
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        return self.o_proj(attention(q, k, v, causal_mask(t, t)))
+        if self.exact:
+            return self.o_proj(attention(q, k, v, causal_mask(t, t)))
+        return self.o_proj(causal_attention_fast(q, k, v))
 
 
 class MLP(nn.Module):
@@ -113,26 +117,33 @@ class BitSkipForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def set_exact_attention(self, exact: bool) -> None:
+        """float64 attention (the engine's numerics) or fast float32 attention (training)."""
+        for block in self.model.layers:
+            block.self_attn.exact = exact
+
     def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The shared head: lm_head(RMSNorm_final(h)), applied at every exit."""
         return self.lm_head(self.model.norm(h))
 
     def hidden_states(self, input_ids: torch.Tensor, num_layers: int | None = None,
-                      skip: Iterable[int] = ()) -> list[torch.Tensor]:
+                      keep: torch.Tensor | None = None) -> list[torch.Tensor]:
         """[h_0, h_1, ..., h_k] for blocks 1..k (k = num_layers, default L).
 
-        Blocks in `skip` (1-based) act as the identity: layer dropout for a whole batch.
+        `keep` [B, L] bool (layer dropout): where False, block l is the identity for that sample.
         """
         k = self.config.num_hidden_layers if num_layers is None else num_layers
         if not 1 <= k <= self.config.num_hidden_layers:
             raise ValueError(f"exit layer must be in 1..{self.config.num_hidden_layers}, got {k}")
         t = input_ids.shape[1]
         cos, sin = self.rope_cos[:t], self.rope_sin[:t]
-        skip = set(skip)
         states = [self.model.embed_tokens(input_ids)]
         for layer, block in enumerate(self.model.layers[:k], start=1):
             h = states[-1]
-            states.append(h if layer in skip else block(h, cos, sin))
+            out = block(h, cos, sin)
+            if keep is not None:
+                out = torch.where(keep[:, layer - 1, None, None], out, h)
+            states.append(out)
         return states
 
     def forward(self, input_ids: torch.Tensor, exit_layers: Iterable[int] | None = None

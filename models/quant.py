@@ -26,7 +26,9 @@ class _RoundClamp(torch.autograd.Function):
 
 
 def round_clamp(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    return _RoundClamp.apply(x, lo, hi)
+    if x.requires_grad and torch.is_grad_enabled():
+        return _RoundClamp.apply(x, lo, hi)
+    return torch.clamp(torch.round(x), lo, hi)  # same values, without autograd's overhead
 
 
 def activation_qmax(bits: int) -> int:

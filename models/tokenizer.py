@@ -52,3 +52,17 @@ def byte_level_tokenizer() -> Tokenizer:
 def default_generation_config() -> dict:
     """generation_config.json content matching `byte_level_tokenizer`."""
     return {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+
+
+def train_bpe_tokenizer(files: list[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on `files`: `<|bos|>` is id 0, `<|eos|>` id 1, then the 256 byte
+    symbols, then merges up to `vocab_size` tokens. Deterministic for the same files."""
+    from tokenizers import trainers
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train(files, trainer)
+    return tokenizer

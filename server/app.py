@@ -108,9 +108,11 @@ class Server:
             raise self.reject("validation", APIError(422, f"{param} is empty: at least 1 token is needed",
                                                      param=param))
 
-    def prompt_ids(self, prompt: str | None, token_ids: list[int] | None, param: str = "prompt") -> list[int]:
+    def prompt_ids(self, prompt: str | None, token_ids: list[int] | None, param: str | None = None) -> list[int]:
+        """`param` is the field named in errors (default: token_ids or prompt, whichever was sent)."""
+        param = param or ("prompt" if token_ids is None else "token_ids")
         if token_ids is not None:
-            self.check_token_ids(token_ids)
+            self.check_token_ids(token_ids, param)
             ids = list(token_ids)
         else:
             ids = self.engine.encode(prompt)
@@ -284,7 +286,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
     async def completions(body: CompletionRequest, request: Request):
         prompt, token_ids = _single_prompt(body.prompt)
         params, k = server.sampling_params(body)
-        ids = server.prompt_ids(prompt, token_ids)
+        ids = server.prompt_ids(prompt, token_ids, "prompt")  # OpenAI's field, text or ids
         stream = server.submit(ids, params, k)
         created = int(time.time())
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"

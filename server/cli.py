@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated, e.g. 6,12,18,24 (default: exit points and L)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("file", type=Path)
+
+    s = sub.add_parser("train", help="train a BitSkip model with the paper's recipe")
+    s.add_argument("--corpus", type=Path, required=True, help="directory with train.txt and heldout.txt")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--preset", default="small-24l", choices=sorted(PRESETS))
+    s.add_argument("--variant", default="v1", choices=sorted(VARIANTS))
+    s.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
+    s.add_argument("--steps", type=int, default=2000)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--lr", type=float, default=3e-3)
+    s.add_argument("--early-exit-start", type=float, default=0.5,
+                   help="fraction of steps before the early-exit loss is switched on")
+    s.add_argument("--no-layer-dropout", action="store_true")
+    s.add_argument("--no-early-exit", action="store_true")
+    s.add_argument("--eval-every", type=int, default=100)
+    s.add_argument("--checkpoint-every", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--threads", type=int, default=None)
+    s.add_argument("--resume", action="store_true", help="continue from OUT/latest")
 
     s = sub.add_parser("serve", help="serve a model over HTTP (default: the bundled model)")
     s.add_argument("--model", type=Path, default=os.environ.get("BITSKIP_MODEL"),
@@ -124,6 +146,47 @@ def cmd_perplexity(args) -> None:
         print(f"{k:>10}  {result.perplexity[k]:>12.3f}  {result.nll[k]:>8.4f}")
 
 
+def cmd_train(args) -> None:
+    import dataclasses
+
+    import torch
+
+    from models.checkpoint import load_checkpoint as load
+    from models.tokenizer import train_bpe_tokenizer
+    from models.train import TrainConfig, train
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = preset(args.preset, args.variant)
+    if args.vocab_size:
+        config = dataclasses.replace(config, vocab_size=args.vocab_size)
+    train_txt, heldout_txt = args.corpus / "train.txt", args.corpus / "heldout.txt"
+    for f in (train_txt, heldout_txt):
+        if not f.exists():
+            raise ValueError(f"{f} does not exist (build the corpus with scripts/build_corpus.sh)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.resume and (args.out / "latest" / "tokenizer.json").exists():
+        tokenizer = load(args.out / "latest").tokenizer
+    else:
+        t0 = time.perf_counter()
+        tokenizer = train_bpe_tokenizer([str(train_txt)], config.vocab_size)
+        print(f"trained a {tokenizer.get_vocab_size()}-token BPE in {time.perf_counter() - t0:.1f}s")
+    generation_config = {"bos_token_id": tokenizer.token_to_id("<|bos|>"),
+                         "eos_token_id": tokenizer.token_to_id("<|eos|>")}
+
+    def ids(path):
+        return torch.tensor(tokenizer.encode(path.read_text(), add_special_tokens=False).ids)
+    train_ids, heldout_ids = ids(train_txt), ids(heldout_txt)
+    print(f"{len(train_ids)} training tokens, {len(heldout_ids)} held-out tokens; "
+          f"{config.num_parameters() / 1e6:.2f}M parameters")
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      p_max=0.0 if args.no_layer_dropout else 0.5,
+                      early_exit_lambda=0.0 if args.no_early_exit else 0.3,
+                      early_exit_start=args.early_exit_start, eval_every=args.eval_every,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device)
+    train(config, cfg, train_ids, heldout_ids, tokenizer, generation_config, args.out, args.resume,
+          log=lambda m: print(m, flush=True))
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -140,13 +203,16 @@ def cmd_serve(args) -> None:
                               drain_timeout=args.drain_timeout)
     app = create_app(engine, settings)
     # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, finish in-flight requests
-    # (bounded), then run the app's shutdown, which drains the engine loop.
+    # (bounded), then run the app's shutdown, which drains the engine loop. Afterwards it restores
+    # the handler it found and re-raises the signal; with the default handler that would kill the
+    # process (exit -15) after a clean shutdown, so the handler it finds ignores it: we exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain_timeout)
 
 
 COMMANDS = {"init": cmd_init, "pack": cmd_pack, "generate": cmd_generate, "perplexity": cmd_perplexity,
-            "serve": cmd_serve}
+            "train": cmd_train, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
