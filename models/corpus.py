@@ -167,6 +167,7 @@ def read_ztext_entries(module_dir: Path = SWORD_DATA) -> list[str]:
 
 _TOKEN = re.compile(r"<(/?)([\w:]+)([^>]*)>|([^<]+)")
 _ATTR = re.compile(r"([\w:]+)\s*=\s*(?:\"([^\"]*)\"|'([^']*)')")
+_INLINE = re.compile(r"</?(?:w|q|transChange|hi|foreign|seg|name)\b[^>]*>")
 _ATTR_TAGS = {"div", "milestone", "chapter", "title"}
 # Elements whose content is not verse text.
 _SKIP = {"note", "speaker", "rdg", "catchWord", "figure", "index"}
@@ -204,6 +205,7 @@ def _clean_verse_text(text: str) -> str:
     text = html.unescape(text)
     text = re.sub(r"\s+", " ", text)
     # Footnote markers: drop those next to whitespace/closing punctuation, else a space.
+    text = re.sub(f" ?{_NOTE}+ ?(?=[{re.escape(_CLOSING)}])", "", text)
     text = re.sub(f"(?:(?<= )|^){_NOTE}+|{_NOTE}+(?=[ {re.escape(_CLOSING)}]|$)", "", text)
     text = text.replace(_NOTE, " ")
     return re.sub(" +", " ", text).strip()
@@ -241,6 +243,7 @@ def parse_osis_bible(entries: list[str]) -> list[dict]:
         if not entry:
             continue
         skip_stack: list[str] = []  # open elements inside a skipped one
+        entry = _INLINE.sub("", entry)  # most tags are <w lemma=..>word</w>: drop them first
         for closing, name, rest, text in _TOKEN.findall(entry):
             if text:
                 if chapter is not None and not skip_stack:

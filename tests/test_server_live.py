@@ -192,7 +192,6 @@ def test_sigterm_finishes_running_request_refuses_new_ones_and_exits_0(tmp_path)
             assert time.monotonic() < deadline, "the server still accepts connections after SIGTERM"
             time.sleep(0.01)
         in_flight = len(events)
-        print("IN_FLIGHT", in_flight, time.monotonic())
         assert reader.is_alive() and in_flight < max_tokens, in_flight
 
         reader.join(60)
