@@ -11,6 +11,7 @@ import torch
 from models.checkpoint import Checkpoint
 
 from .detokenizer import Detokenizer
+from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
 from .model_runner import ModelRunner, Row
 from .sampler import sample
@@ -66,11 +67,23 @@ class LLMEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
+    def confidence_rule(self, threshold: float, min_exit_layer: int = 1,
+                        measure: str = "probability") -> ConfidenceRule:
+        """The confidence policy over this model's exit points; ValueError names a bad field."""
+        L = self.model_config.num_hidden_layers
+        if type(min_exit_layer) is not int or not 1 <= min_exit_layer <= L:
+            raise ValueError(f"min_exit_layer must be in 1..{L}, got {min_exit_layer!r}")
+        return ConfidenceRule(threshold, self.model_config.exit_points, min_exit_layer, measure)
+
     def validate_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-                         exit_layer: int | None = None) -> Sequence:
-        """A new Sequence for this request; raises ValueError naming the field when it cannot be
-        served. Touches no engine state, so any thread may call it."""
+                         exit_layer: int | None = None, confidence: ConfidenceRule | None = None) -> Sequence:
+        """A new Sequence for this request (a fixed `exit_layer`, default L, or a `confidence`
+        rule); raises ValueError naming the field when it cannot be served. Touches no engine
+        state, so any thread may call it."""
         mc = self.model_config
+        if confidence is not None and exit_layer is not None:
+            raise ValueError("exit_layer applies to the fixed policy only; the confidence policy "
+                             "takes threshold and min_exit_layer")
         exit_layer = mc.num_hidden_layers if exit_layer is None else exit_layer
         if type(exit_layer) is not int or not 1 <= exit_layer <= mc.num_hidden_layers:
             raise ValueError(f"exit_layer must be in 1..{mc.num_hidden_layers}, got {exit_layer!r}")
@@ -86,7 +99,7 @@ class LLMEngine:
                                            min(len(prompt_ids) + params.max_tokens, mc.max_position_embeddings))
         if need > self.kv_cache.num_blocks:
             raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
-        return Sequence(list(prompt_ids), params, exit_layer)
+        return Sequence(list(prompt_ids), params, exit_layer, confidence)
 
     def add_sequence(self, seq: Sequence) -> None:
         """Queue a validated sequence; it joins the running batch at the next step."""
@@ -94,9 +107,10 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-                    exit_layer: int | None = None, request_id: str | None = None) -> Sequence:
+                    exit_layer: int | None = None, request_id: str | None = None,
+                    confidence: ConfidenceRule | None = None) -> Sequence:
         """Validate and queue a request; raises ValueError naming the field when it cannot be served."""
-        seq = self.validate_request(prompt_ids, params, exit_layer)
+        seq = self.validate_request(prompt_ids, params, exit_layer, confidence)
         if request_id is not None:
             seq.request_id = request_id
         self.add_sequence(seq)
@@ -122,25 +136,37 @@ class LLMEngine:
         for seq, n in batch:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-            completes = seq.num_computed + n == seq.num_tokens  # logits needed only then
-            rows.append(Row(seq.all_ids[seq.num_computed:seq.num_computed + n], seq.num_computed,
-                            seq.exit_layer, seq.kv, {seq.exit_layer: "last"} if completes else {}))
-        logits = self.runner.forward(rows)
+            rows.append(self._row(seq, n))
+        results = self.runner.forward(rows)
         outputs = []
-        for (seq, n), out in zip(batch, logits):
+        for (seq, n), res in zip(batch, results):
             seq.num_computed += n
-            if seq.exit_layer in out:
+            if seq.confidence is not None:
+                seq.pending = res.pending
+            if res.logits:
                 try:
-                    outputs.append(self._append_token(seq, out[seq.exit_layer][-1]))
+                    outputs.append(self._append_token(seq, res.logits[res.exit_layer][-1], res.exit_layer))
                 except Exception as e:  # one request's failure must not end the others
                     self.abort(seq, reason="error")
                     outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
         return outputs
 
-    def _append_token(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+    def _row(self, seq: Sequence, n: int) -> Row:
+        """The runner's view of the sequence's next `n` tokens. Logits are wanted only when they
+        complete the sequence; prompt chunks before that run to the shallowest depth a token
+        could leave at (their deeper KV is filled later if a token goes deeper)."""
+        tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
+        completes = seq.num_computed + n == seq.num_tokens
+        depth = seq.exit_layer
+        if seq.confidence is not None and not completes:
+            depth = seq.confidence.first_exit(self.model_config.num_hidden_layers)
+        return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
+                   seq.confidence, seq.pending)
+
+    def _append_token(self, seq: Sequence, logits: torch.Tensor, exit_layer: int) -> StepOutput:
         token = sample(logits, seq.params, seq.generator)
         seq.output_ids.append(token)
-        seq.exit_layers.append(seq.exit_layer)
+        seq.exit_layers.append(exit_layer)
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         detok = self._detokenizers[seq]

@@ -1,8 +1,14 @@
 """Runs one forward over a batch of rows, each with its own depth.
 
-Rows are ordered deepest first, so the rows still live at block l are always a prefix of the
-batch and leaving it is a slice. A row never runs, and never writes KV for, a block past its
-depth; the shared head is applied only at the layers a row asks for.
+A row is one sequence's share of a step. A fixed row runs blocks 1..depth; a confidence row
+checks the shared head at exit points and leaves at the first confident one. Either way a row
+never runs, and never writes KV for, a block past the layer it leaves at.
+
+Deferred KV fills: a confidence row may carry `pending` tokens, earlier tokens of its sequence
+that exited below L and so have no KV above their depth. Token t joins the row at block
+depth_t + 1, as an extra row in position order, so that when the new token reaches a block, every
+earlier position has its keys and values there: the cache always equals what full-depth
+processing of the same tokens would have written.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch.nn.functional as F
 
 from models.functional import apply_rope, attention, causal_mask, rms_norm, rope_tables, swiglu
 
+from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
 from .weights import LayerWeights, ModelWeights
 
@@ -22,19 +29,56 @@ HeadRequest = Literal["last", "all"]
 
 
 @dataclass
-class Row:
-    """One sequence's share of a forward: `tokens` at positions start, start + 1, ...
+class Pending:
+    """Earlier tokens (positions start - m .. start - 1) whose KV stops at `depths` (< L,
+    non-increasing), with their hidden states after their last block."""
 
-    `depth`: blocks 1..depth run. `kv`: the sequence's cache (None: attend only within `tokens`
-    and cache nothing, as perplexity windows do). `heads`: exit layer -> which positions get
-    logits there ("last" for sampling, "all" for scoring).
-    """
+    hidden: torch.Tensor  # [m, hidden]
+    depths: list[int]
+
+
+@dataclass
+class Row:
+    """`tokens` at positions start, start + 1, ... (`kv` None: attend only within `tokens` and
+    cache nothing, as perplexity windows do). `heads`: exit layer -> which positions get logits
+    ("last" for sampling, "all" for scoring). With `confidence` (and a head wanted at `depth`),
+    the row leaves at the first exit point where the rule accepts the last token's logits, else
+    at `depth`; its result then says which of its tokens stop below L (`RowResult.pending`)."""
 
     tokens: list[int]
     start: int
     depth: int
     kv: SequenceKV | None = None
     heads: dict[int, HeadRequest] = field(default_factory=dict)
+    confidence: ConfidenceRule | None = None
+    pending: Pending | None = None
+
+
+@dataclass
+class RowResult:
+    logits: dict[int, torch.Tensor]   # exit layer -> [1 or n, vocab]
+    exit_layer: int                   # the block the row left after
+    pending: Pending | None = None    # confidence rows: its tokens that now stop below L
+
+
+@dataclass
+class _Live:
+    """A row inside the forward: its token states and which of them run the current block."""
+
+    row: Row
+    index: int
+    joins: list[int]                 # block at which each token (pending, then new) starts
+    states: torch.Tensor             # hidden state of each token, updated as it runs
+    first: int                       # tokens [first:] run the current block
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.joins) - len(self.row.tokens)
+
+    @property
+    def positions_start(self) -> int:
+        """Position of the first token that runs the current block."""
+        return self.row.start - self.num_pending + self.first
 
 
 class ModelRunner:
@@ -45,11 +89,11 @@ class ModelRunner:
         self.rope_cos, self.rope_sin = rope_tables(c.max_position_embeddings, c.head_dim, c.rope_theta)
         self.q_size = c.num_attention_heads * c.head_dim
         self.kv_size = c.num_key_value_heads * c.head_dim
-        self.blocks_run = [0] * (c.num_hidden_layers + 1)  # tokens processed per block, for tests
+        self.blocks_run = [0] * (c.num_hidden_layers + 1)  # token-blocks computed per block
+        self.deferred_fills = 0                             # token-blocks computed for pending tokens
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row]) -> list[dict[int, torch.Tensor]]:
-        """Logits per row: {exit layer: [1 or len(tokens), vocab]} for each requested head."""
+    def forward(self, rows: list[Row]) -> list[RowResult]:
         c = self.config
         for r in rows:
             if not 1 <= r.depth <= c.num_hidden_layers:
@@ -57,40 +101,96 @@ class ModelRunner:
             if r.start + len(r.tokens) > c.max_position_embeddings:
                 raise ValueError(f"positions up to {r.start + len(r.tokens)} exceed the context "
                                  f"{c.max_position_embeddings}")
-        order = sorted(range(len(rows)), key=lambda i: -rows[i].depth)
-        batch = [rows[i] for i in order]
-        ends = torch.tensor([len(r.tokens) for r in batch]).cumsum(0).tolist()
-        ids = torch.tensor([t for r in batch for t in r.tokens], dtype=torch.long)
-        positions = torch.cat([torch.arange(r.start, r.start + len(r.tokens)) for r in batch])
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        h = self.weights.embed_tokens[ids]
+        embedded = self.weights.embed_tokens[torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long)]
+        live, offset = [], 0
+        for i, r in enumerate(rows):
+            states = embedded[offset:offset + len(r.tokens)]
+            offset += len(r.tokens)
+            joins = [1] * len(r.tokens)
+            if r.pending is not None:
+                joins = [d + 1 for d in r.pending.depths] + joins
+                states = torch.cat([r.pending.hidden, states])
+            live.append(_Live(r, i, joins, states, len(joins)))
+        results: list[RowResult | None] = [None] * len(rows)
 
-        results: list[dict[int, torch.Tensor]] = [{} for _ in batch]
-        live = len(batch)
-        for layer in range(1, batch[0].depth + 1):
-            while batch[live - 1].depth < layer:
-                live -= 1
-            n_tok = ends[live - 1]
-            h = self._block(layer, h[:n_tok], batch[:live], ends[:live], cos[:n_tok], sin[:n_tok])
-            self.blocks_run[layer] += n_tok
-            self._apply_heads(layer, h, batch[:live], ends[:live], results)
+        h = None  # hidden states of the running tokens, row after row; rebuilt only when they change
+        for layer in range(1, max(r.depth for r in rows) + 1):
+            joined = False
+            for lv in live:  # pending tokens whose turn has come join, in position order
+                while lv.first > 0 and lv.joins[lv.first - 1] <= layer:
+                    lv.first -= 1
+                    joined = True
+            if h is None or joined:
+                h = torch.cat([lv.states[lv.first:] for lv in live])
+            h = self._block(layer, h, live)
+            self.blocks_run[layer] += h.shape[0]
+            self.deferred_fills += sum(max(0, lv.num_pending - lv.first) for lv in live)
+            offset = 0
+            for lv in live:  # views into h: cheap, and exact for the rows that leave now
+                n = len(lv.joins) - lv.first
+                lv.states = torch.cat([lv.states[:lv.first], h[offset:offset + n]]) if lv.first else h[offset:offset + n]
+                offset += n
+            going_on = self._exits(layer, live, results)
+            if len(going_on) != len(live):
+                h = None
+            live = going_on
+            if not live:
+                break
+        return results
 
-        out: list[dict[int, torch.Tensor]] = [{} for _ in rows]
-        for pos, i in enumerate(order):
-            out[i] = results[pos]
-        return out
+    # ---- leaving the batch -----------------------------------------------------------------
+    def _exits(self, layer: int, live: list[_Live], results: list[RowResult | None]) -> list[_Live]:
+        """Apply the heads wanted at this layer; return the rows that go on to the next block."""
+        checks = [lv for lv in live if lv.row.confidence is not None and lv.row.heads
+                  and layer < lv.row.depth and lv.row.confidence.checks(layer)]
+        leaving = {lv.index for lv in live if layer == lv.row.depth}
+        confident = set()
+        if checks:
+            logits = self.head(torch.stack([lv.states[-1] for lv in checks]))
+            for lv, row_logits in zip(checks, logits):
+                if lv.row.confidence.accepts(row_logits):
+                    confident.add(lv.index)
+                    results[lv.index] = RowResult({layer: row_logits[None]}, layer)
+        leaving |= confident
+        wanted = [lv for lv in live if layer in lv.row.heads and lv.index not in confident]
+        if wanted:
+            spans = [(lv.num_pending, len(lv.joins)) if lv.row.heads[layer] == "all"
+                     else (len(lv.joins) - 1, len(lv.joins)) for lv in wanted]
+            logits = self.head(torch.cat([lv.states[a:b] for lv, (a, b) in zip(wanted, spans)]))
+            offset = 0
+            for lv, (a, b) in zip(wanted, spans):
+                res = results[lv.index] = results[lv.index] or RowResult({}, layer)
+                res.logits[layer] = logits[offset:offset + b - a]
+                offset += b - a
+        for lv in live:
+            if lv.index in leaving:
+                res = results[lv.index] = results[lv.index] or RowResult({}, layer)
+                res.exit_layer = layer
+                if lv.row.confidence is not None:
+                    res.pending = self._pending_after(lv, layer)
+        return [lv for lv in live if lv.index not in leaving]
+
+    def _pending_after(self, lv: _Live, layer: int) -> Pending | None:
+        """The row's tokens that now stop below L: their depth and last hidden state."""
+        depths = [layer if i >= lv.first else j - 1 for i, j in enumerate(lv.joins)]
+        keep = [i for i, d in enumerate(depths) if d < self.config.num_hidden_layers]
+        if not keep:
+            return None
+        return Pending(lv.states[keep[0]:].clone(), depths[keep[0]:])
 
     # ---- one block -----------------------------------------------------------------------
-    def _block(self, layer: int, h: torch.Tensor, rows: list[Row], ends: list[int],
-               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _block(self, layer: int, h: torch.Tensor, live: list[_Live]) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer - 1]
         t = h.shape[0]
+        positions = torch.cat([torch.arange(lv.positions_start, lv.positions_start + len(lv.joins) - lv.first)
+                               for lv in live])
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         qkv = w.qkv_proj(rms_norm(h, w.input_norm, c.rms_norm_eps))
         q = apply_rope(qkv[:, :self.q_size].view(t, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, self.q_size:self.q_size + self.kv_size]
                        .view(t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = qkv[:, self.q_size + self.kv_size:].reshape(t, c.num_key_value_heads, c.head_dim)
-        h = h + w.o_proj(self._attend(layer, q, k, v, rows, ends))
+        h = h + w.o_proj(self._attend(layer, q, k, v, live))
         return h + self._mlp(w, rms_norm(h, w.post_attention_norm, c.rms_norm_eps))
 
     @staticmethod
@@ -100,61 +200,43 @@ class ModelRunner:
         return w.down_proj(swiglu(gate_up[:, :f], gate_up[:, f:]))
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rows: list[Row], ends: list[int]) -> torch.Tensor:
-        """Causal attention of each row's new tokens over its cached and new keys."""
+                live: list[_Live]) -> torch.Tensor:
+        """Causal attention of each row's running tokens over its cached and running keys."""
         out = torch.empty(q.shape[0], self.q_size)
-        starts = [0] + ends[:-1]
-        cached = [i for i, r in enumerate(rows) if r.kv is not None]
+        spans, offset = [], 0
+        for lv in live:
+            n = len(lv.joins) - lv.first
+            spans.append((offset, offset + n, lv.positions_start, lv.row.kv))
+            offset += n
+        cached = [s for s in spans if s[3] is not None]
         if cached:
-            self._write_kv(layer, k, v, [rows[i] for i in cached], [starts[i] for i in cached])
-        decode = [i for i in cached if len(rows[i].tokens) == 1]
+            self._write_kv(layer, k, v, cached)
+        decode = [s for s in cached if s[1] - s[0] == 1]
         if decode:  # single-token rows share one padded attention call
-            lengths = torch.tensor([rows[i].start + 1 for i in decode])
-            slots = self.kv_cache.slots([rows[i].kv.tables[layer - 1] for i in decode],
-                                        int(lengths.max()))
+            lengths = torch.tensor([s[2] + 1 for s in decode])
+            slots = self.kv_cache.slots([s[3].tables[layer - 1] for s in decode], int(lengths.max()))
             mask = (torch.arange(slots.shape[1])[None, :] < lengths[:, None])[:, None, :]
-            idx = torch.tensor([starts[i] for i in decode])
-            out[idx] = attention(q[idx][:, None], self.kv_cache.k[slots], self.kv_cache.v[slots],
-                                 mask)[:, 0]
-        for i, r in enumerate(rows):
-            if r.kv is not None and len(r.tokens) == 1:
+            idx = torch.tensor([s[0] for s in decode])
+            out[idx] = attention(q[idx][:, None], self.kv_cache.k[slots], self.kv_cache.v[slots], mask)[:, 0]
+        for a, b, start, kv in spans:
+            if kv is not None and b - a == 1:
                 continue
-            a, b = starts[i], ends[i]
-            if r.kv is None:
+            if kv is None:
                 keys, values, n_keys = k[a:b][None], v[a:b][None], b - a
             else:
-                n_keys = r.start + (b - a)
-                slots = self.kv_cache.slots([r.kv.tables[layer - 1]], n_keys)[0]
+                n_keys = start + (b - a)
+                slots = self.kv_cache.slots([kv.tables[layer - 1]], n_keys)[0]
                 keys, values = self.kv_cache.k[slots][None], self.kv_cache.v[slots][None]
             out[a:b] = attention(q[a:b][None], keys, values, causal_mask(b - a, n_keys))[0]
         return out
 
-    def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: list[Row],
-                  starts: list[int]) -> None:
-        tok_idx, slot_idx = [], []
-        for r, a in zip(rows, starts):
-            n = len(r.tokens)
-            slots = self.kv_cache.slots([r.kv.tables[layer - 1]], r.start + n)[0, r.start:]
-            tok_idx.append(torch.arange(a, a + n))
-            slot_idx.append(slots)
-        tok = torch.cat(tok_idx)
-        self.kv_cache.write(torch.cat(slot_idx), k[tok], v[tok])
+    def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans) -> None:
+        tok = torch.cat([torch.arange(a, b) for a, b, _, _ in spans])
+        slots = torch.cat([self.kv_cache.slots([kv.tables[layer - 1]], start + b - a)[0, start:]
+                           for a, b, start, kv in spans])
+        self.kv_cache.write(slots, k[tok], v[tok])
 
     # ---- the shared head -----------------------------------------------------------------
-    def _apply_heads(self, layer: int, h: torch.Tensor, rows: list[Row], ends: list[int],
-                     results: list[dict[int, torch.Tensor]]) -> None:
-        wanted = [(i, r.heads[layer]) for i, r in enumerate(rows) if layer in r.heads]
-        if not wanted:
-            return
-        starts = [0] + ends[:-1]
-        spans = [(starts[i], ends[i]) if kind == "all" else (ends[i] - 1, ends[i]) for i, kind in wanted]
-        idx = torch.cat([torch.arange(a, b) for a, b in spans])
-        logits = self.head(h[idx])
-        offset = 0
-        for (i, _), (a, b) in zip(wanted, spans):
-            results[i][layer] = logits[offset:offset + b - a]
-            offset += b - a
-
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head(RMSNorm_final(h)): the one head every exit shares."""
         return F.linear(rms_norm(h, self.weights.norm, self.config.rms_norm_eps), self.weights.lm_head)

@@ -71,6 +71,7 @@ class Scheduler:
         self.running.remove(seq)
         self.kv_cache.release(seq.kv)
         seq.num_computed = 0
+        seq.pending = None
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

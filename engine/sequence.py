@@ -6,10 +6,15 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from .exit_policy import ConfidenceRule
 from .kv_cache import SequenceKV
+
+if TYPE_CHECKING:
+    from .model_runner import Pending
 
 _ids = itertools.count()
 
@@ -53,7 +58,8 @@ class Status(enum.Enum):
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    exit_layer: int
+    exit_layer: int                                       # fixed policy: the depth; confidence: L
+    confidence: ConfidenceRule | None = None              # set for the confidence policy
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # depth each output token ran at
@@ -62,6 +68,7 @@ class Sequence:
     finish_reason: str | None = None                      # "stop", "length" or "abort"
     num_computed: int = 0                                 # leading tokens whose KV is cached
     kv: SequenceKV = field(default_factory=SequenceKV)
+    pending: Pending | None = None                        # confidence: tokens whose KV stops below L
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -73,6 +80,11 @@ class Sequence:
             self.generator.manual_seed(self.params.seed)
         else:
             self.generator.seed()
+
+    @property
+    def exit_label(self) -> str:
+        """The metrics label: the fixed exit layer, or "dynamic" for the confidence policy."""
+        return "dynamic" if self.confidence else str(self.exit_layer)
 
     @property
     def all_ids(self) -> list[int]:

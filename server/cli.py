@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from OUT/latest")
 
     s = sub.add_parser("serve", help="serve a model over HTTP (default: the bundled model)")
-    s.add_argument("--model", type=Path, default=os.environ.get("BITSKIP_MODEL"),
+    # An empty BITSKIP_MODEL (compose's ${BITSKIP_MODEL:-}) means unset, not the directory ".".
+    s.add_argument("--model", type=Path, default=os.environ.get("BITSKIP_MODEL") or None,
                    help="checkpoint directory (default: $BITSKIP_MODEL, else the bundled default model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)

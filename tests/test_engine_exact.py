@@ -57,7 +57,7 @@ def test_engine_projections_and_logits_equal_reference_at_every_exit(tiny):
     ids = torch.randint(0, c.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref_logits = model(ids, range(1, L + 1))
-    out = runner.forward([Row(ids[0].tolist(), 0, L, None, {k: "all" for k in range(1, L + 1)})])[0]
+    out = runner.forward([Row(ids[0].tolist(), 0, L, None, {k: "all" for k in range(1, L + 1)})])[0].logits
     for k in range(1, L + 1):
         assert rel_err(out[k], ref_logits[k][0]) < 1e-4, k
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -89,7 +89,7 @@ def cached_decode_logits(runner, ids, exit_layer, chunks):
     runner.kv_cache.reserve(kv, exit_layer, len(ids))
     out, pos = [], 0
     for n in chunks:
-        res = runner.forward([Row(ids[pos:pos + n], pos, exit_layer, kv, {exit_layer: "last"})])[0]
+        res = runner.forward([Row(ids[pos:pos + n], pos, exit_layer, kv, {exit_layer: "last"})])[0].logits
         out.append(res[exit_layer][-1])
         pos += n
     return out
@@ -107,7 +107,7 @@ def test_kv_cached_decoding_equals_full_recomputation(tiny):
         got = cached_decode_logits(runner, ids, exit_layer, chunks)
         ends = torch.tensor(chunks).cumsum(0).tolist()
         for logits, end in zip(got, ends):
-            full = fresh.forward([Row(ids[:end], 0, exit_layer, None, {exit_layer: "last"})])[0]
+            full = fresh.forward([Row(ids[:end], 0, exit_layer, None, {exit_layer: "last"})])[0].logits
             assert rel_err(logits, full[exit_layer][-1]) < 1e-5
             assert torch.equal(logits.argmax(), full[exit_layer][-1].argmax())
 
@@ -121,5 +121,5 @@ def test_batched_rows_equal_rows_alone(tiny_v1):
             for n, k in [(5, 4), (9, 1), (3, 3), (12, 2), (1, 4)]]
     together = runner.forward(rows)
     for row, out in zip(rows, together):
-        alone = runner.forward([row])[0]
-        assert rel_err(out[row.depth], alone[row.depth]) < 1e-5
+        alone = runner.forward([row])[0].logits
+        assert rel_err(out.logits[row.depth], alone[row.depth]) < 1e-5

@@ -97,7 +97,7 @@ def test_training_lowers_the_loss_and_the_checkpoint_serves_the_same_logits(tmp_
     ids = _tiny_corpus(40, 5).tolist()
     with torch.no_grad():
         ref = latent(torch.tensor([ids]), [1, 2, 3, 4])
-    out = runner.forward([Row(ids, 0, 4, None, {k: "all" for k in (1, 2, 3, 4)})])[0]
+    out = runner.forward([Row(ids, 0, 4, None, {k: "all" for k in (1, 2, 3, 4)})])[0].logits
     for k in (1, 2, 3, 4):
         assert float((out[k] - ref[k][0]).abs().max() / ref[k][0].abs().max()) < 1e-4
 
