@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .exit_policy import ConfidenceRule
 from .llm_engine import LLMEngine, StepOutput
 from .sequence import SamplingParams, Sequence
 
@@ -102,14 +103,14 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting) + self._pending
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               exit_layer: int | None = None) -> RequestStream:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, exit_layer: int | None = None,
+               confidence: ConfidenceRule | None = None) -> RequestStream:
         """Queue a request. Raises ValueError (bad request), QueueFull or EngineStopped."""
         if not self._admitting or not self.alive:
             raise EngineStopped("the server is shutting down")
         if self.num_waiting >= self.max_queue:
             raise QueueFull(f"{self.num_waiting} requests are waiting (limit {self.max_queue})")
-        seq = self.engine.validate_request(prompt_ids, params, exit_layer)
+        seq = self.engine.validate_request(prompt_ids, params, exit_layer, confidence)
         stream = RequestStream(seq)
         self._pending += 1
 

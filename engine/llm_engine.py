@@ -39,6 +39,7 @@ class StepOutput:
     text_delta: str
     finished: bool
     error: str | None = None
+    exit_layer: int | None = None  # the depth the token's logits came from
 
 
 class LLMEngine:
@@ -179,7 +180,7 @@ class LLMEngine:
             seq.finish_reason = "length"
         if seq.finish_reason:
             self._finish(seq)
-        return StepOutput(seq, token, detok.release(text, seq.finished), seq.finished)
+        return StepOutput(seq, token, detok.release(text, seq.finished), seq.finished, exit_layer=exit_layer)
 
     def _finish(self, seq: Sequence) -> None:
         seq.finish_time = time.perf_counter()

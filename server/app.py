@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFailed, RequestStream
+from engine.exit_policy import ConfidenceRule
 from engine.llm_engine import LLMEngine
 from engine.perplexity import perplexity
 from engine.sequence import SamplingParams, Sequence
@@ -76,6 +77,7 @@ class Server:
         m.requests_waiting.set_function(lambda: self.loop.num_waiting)
         m.kv_cache_usage.set_function(engine.kv_cache.usage)
         self._preemptions_seen = 0
+        self._fills_seen = 0
 
     def _on_step(self, outputs, seconds: float) -> None:
         self.metrics.step_seconds.observe(seconds)
@@ -83,6 +85,10 @@ class Server:
         if n > self._preemptions_seen:
             self.metrics.preemptions.inc(n - self._preemptions_seen)
             self._preemptions_seen = n
+        fills = self.engine.runner.deferred_fills
+        if fills > self._fills_seen:
+            self.metrics.deferred_kv_fills.inc(fills - self._fills_seen)
+            self._fills_seen = fills
 
     # ---- validation shared by the endpoints ------------------------------------------------
     def reject(self, reason: str, error: APIError) -> APIError:
@@ -123,23 +129,31 @@ class Server:
                 param=param))
         return ids
 
-    def sampling_params(self, body: SamplingFields) -> tuple[SamplingParams, int]:
+    def sampling_params(self, body: SamplingFields) -> tuple[SamplingParams, int | None, ConfidenceRule | None]:
+        """(sampling, fixed exit layer, confidence rule) of a request body; 422 names a bad field."""
+        exit_layer, confidence = None, None
         if body.policy == "confidence":
-            raise self.reject("validation", APIError(
-                422, "policy='confidence' is not available on this server yet: allowed policies ['fixed']",
-                param="policy"))
-        exit_layer = self.check_exit_layer(body.exit_layer)
+            if body.exit_layer is not None:
+                raise self.reject("validation", APIError(
+                    422, f"exit_layer={body.exit_layer!r} applies to policy 'fixed' only: the confidence "
+                         "policy takes threshold, min_exit_layer and confidence_measure", param="exit_layer"))
+            self.check_exit_layer(body.min_exit_layer, "min_exit_layer")
+            confidence = self.engine.confidence_rule(body.threshold, body.min_exit_layer,
+                                                     body.confidence_measure)
+        else:
+            exit_layer = self.check_exit_layer(body.exit_layer)
         try:
             params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
                                     top_k=body.top_k, top_p=body.top_p, seed=body.seed,
                                     stop=tuple(body.stop_list), ignore_eos=body.ignore_eos)
         except ValueError as e:
             raise self.reject("validation", APIError(422, str(e))) from None
-        return params, exit_layer
+        return params, exit_layer, confidence
 
-    def submit(self, ids: list[int], params: SamplingParams, exit_layer: int) -> RequestStream:
+    def submit(self, ids: list[int], params: SamplingParams, exit_layer: int | None,
+               confidence: ConfidenceRule | None) -> RequestStream:
         try:
-            return self.loop.submit(ids, params, exit_layer)
+            return self.loop.submit(ids, params, exit_layer, confidence)
         except QueueFull as e:
             raise self.reject("queue_full", APIError(429, str(e), "rate_limit_error",
                                                      headers={"Retry-After": "1"})) from None
@@ -153,7 +167,7 @@ class Server:
     async def outputs(self, stream: RequestStream) -> AsyncIterator:
         """The request's outputs; records its latency metrics; aborts it if the caller leaves."""
         seq = stream.seq
-        label = str(seq.exit_layer)
+        label = seq.exit_label
         m = self.metrics
         last = None
         try:
@@ -165,7 +179,7 @@ class Server:
                     else:
                         m.inter_token_latency.labels(label).observe(now - last)
                     last = now
-                    m.observe_tokens(label, [seq.exit_layer])
+                    m.observe_tokens(label, [out.exit_layer])
                 yield out
             m.request_latency.labels(label).observe(time.perf_counter() - seq.arrival_time)
         finally:
@@ -258,9 +272,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
                        exit_layer: int | None = Query(None, description="overrides the body's exit_layer")):
         if exit_layer is not None:
             body = body.model_copy(update={"exit_layer": exit_layer})
-        params, k = server.sampling_params(body)
+        params, k, confidence = server.sampling_params(body)
         ids = server.prompt_ids(body.prompt, body.token_ids)
-        stream = server.submit(ids, params, k)
+        stream = server.submit(ids, params, k, confidence)
         if not body.stream:
             return generate_result(await server.run_to_completion(request, stream))
 
@@ -269,7 +283,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
                 async for out in server.outputs(stream):
                     if out.token_id is not None:
                         yield sse({"token_id": out.token_id, "text": out.text_delta,
-                                   "exit_layer": stream.seq.exit_layers[-1]})
+                                   "exit_layer": out.exit_layer})
                     elif out.text_delta:
                         yield sse({"text": out.text_delta})
                 yield sse(generate_result(stream.seq))
@@ -285,9 +299,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         prompt, token_ids = _single_prompt(body.prompt)
-        params, k = server.sampling_params(body)
+        params, k, confidence = server.sampling_params(body)
         ids = server.prompt_ids(prompt, token_ids, "prompt")  # OpenAI's field, text or ids
-        stream = server.submit(ids, params, k)
+        stream = server.submit(ids, params, k, confidence)
         created = int(time.time())
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
 

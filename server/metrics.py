@@ -37,6 +37,9 @@ class Metrics:
                                 registry=r)
         self.step_seconds = Histogram("bitskip_engine_step_seconds", "Duration of one engine step",
                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.deferred_kv_fills = Counter(
+            "bitskip_deferred_kv_fills", "Token-blocks computed late to fill the KV of tokens that exited early",
+            registry=r)
         self.preemptions = Counter("bitskip_preemptions", "Sequences preempted for lack of KV blocks",
                                    registry=r)
 

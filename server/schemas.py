@@ -23,8 +23,9 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     policy: Literal["fixed", "confidence"] = "fixed"
     exit_layer: int | None = None
-    threshold: float | None = Field(None, ge=0.0, le=1.0)
-    min_exit_layer: int | None = None
+    threshold: float = Field(0.9, ge=0.0, le=1.0)
+    min_exit_layer: int = 1
+    confidence_measure: Literal["probability", "margin"] = "probability"
 
     @property
     def stop_list(self) -> list[str]:
