@@ -81,6 +81,29 @@ class _Live:
         return self.row.start - self.num_pending + self.first
 
 
+@dataclass
+class _Span:
+    """Where one row's running tokens sit in the batch: h[a:b] at positions start.. in `kv`."""
+
+    a: int
+    b: int
+    start: int
+    kv: SequenceKV | None
+
+
+@dataclass
+class _Layout:
+    """What the blocks need to know about the running tokens; rebuilt only when they change."""
+
+    spans: list[_Span]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    write_idx: torch.Tensor   # rows of h whose K/V go to the cache
+    decode: list[_Span]       # single-token cached rows: one batched attention call
+    decode_idx: torch.Tensor
+    decode_len: torch.Tensor
+
+
 class ModelRunner:
     def __init__(self, weights: ModelWeights, kv_cache: KVCache | None = None):
         self.weights = weights
@@ -122,7 +145,8 @@ class ModelRunner:
                     joined = True
             if h is None or joined:
                 h = torch.cat([lv.states[lv.first:] for lv in live])
-            h = self._block(layer, h, live)
+                layout = self._layout(live)
+            h = self._block(layer, h, layout)
             self.blocks_run[layer] += h.shape[0]
             self.deferred_fills += sum(max(0, lv.num_pending - lv.first) for lv in live)
             offset = 0
@@ -179,18 +203,30 @@ class ModelRunner:
         return Pending(lv.states[keep[0]:].clone(), depths[keep[0]:])
 
     # ---- one block -----------------------------------------------------------------------
-    def _block(self, layer: int, h: torch.Tensor, live: list[_Live]) -> torch.Tensor:
+    def _layout(self, live: list[_Live]) -> _Layout:
+        spans, offset = [], 0
+        for lv in live:
+            n = len(lv.joins) - lv.first
+            spans.append(_Span(offset, offset + n, lv.positions_start, lv.row.kv))
+            offset += n
+        positions = torch.cat([torch.arange(sp.start, sp.start + sp.b - sp.a) for sp in spans])
+        cached = [sp for sp in spans if sp.kv is not None]
+        decode = [sp for sp in cached if sp.b - sp.a == 1]
+        write_idx = torch.cat([torch.arange(sp.a, sp.b) for sp in cached]) if cached else torch.empty(0, dtype=torch.long)
+        return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], write_idx, decode,
+                       torch.tensor([sp.a for sp in decode], dtype=torch.long),
+                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long))
+
+    def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer - 1]
         t = h.shape[0]
-        positions = torch.cat([torch.arange(lv.positions_start, lv.positions_start + len(lv.joins) - lv.first)
-                               for lv in live])
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = layout.cos, layout.sin
         qkv = w.qkv_proj(rms_norm(h, w.input_norm, c.rms_norm_eps))
         q = apply_rope(qkv[:, :self.q_size].view(t, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, self.q_size:self.q_size + self.kv_size]
                        .view(t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = qkv[:, self.q_size + self.kv_size:].reshape(t, c.num_key_value_heads, c.head_dim)
-        h = h + w.o_proj(self._attend(layer, q, k, v, live))
+        h = h + w.o_proj(self._attend(layer, q, k, v, layout))
         return h + self._mlp(w, rms_norm(h, w.post_attention_norm, c.rms_norm_eps))
 
     @staticmethod
@@ -200,41 +236,32 @@ class ModelRunner:
         return w.down_proj(swiglu(gate_up[:, :f], gate_up[:, f:]))
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                live: list[_Live]) -> torch.Tensor:
+                layout: _Layout) -> torch.Tensor:
         """Causal attention of each row's running tokens over its cached and running keys."""
         out = torch.empty(q.shape[0], self.q_size)
-        spans, offset = [], 0
-        for lv in live:
-            n = len(lv.joins) - lv.first
-            spans.append((offset, offset + n, lv.positions_start, lv.row.kv))
-            offset += n
-        cached = [s for s in spans if s[3] is not None]
-        if cached:
-            self._write_kv(layer, k, v, cached)
-        decode = [s for s in cached if s[1] - s[0] == 1]
-        if decode:  # single-token rows share one padded attention call
-            lengths = torch.tensor([s[2] + 1 for s in decode])
-            slots = self.kv_cache.slots([s[3].tables[layer - 1] for s in decode], int(lengths.max()))
+        cache = self.kv_cache
+        if len(layout.write_idx):
+            slots = torch.cat([cache.slots([sp.kv.tables[layer - 1]], sp.start + sp.b - sp.a)[0, sp.start:]
+                               for sp in layout.spans if sp.kv is not None])
+            cache.write(slots, k[layout.write_idx], v[layout.write_idx])
+        if layout.decode:  # single-token rows share one padded attention call
+            lengths = layout.decode_len
+            slots = cache.slots([sp.kv.tables[layer - 1] for sp in layout.decode], int(lengths.max()))
             mask = (torch.arange(slots.shape[1])[None, :] < lengths[:, None])[:, None, :]
-            idx = torch.tensor([s[0] for s in decode])
-            out[idx] = attention(q[idx][:, None], self.kv_cache.k[slots], self.kv_cache.v[slots], mask)[:, 0]
-        for a, b, start, kv in spans:
-            if kv is not None and b - a == 1:
+            idx = layout.decode_idx
+            out[idx] = attention(q[idx][:, None], cache.k[slots], cache.v[slots], mask)[:, 0]
+        for sp in layout.spans:
+            a, b = sp.a, sp.b
+            if sp.kv is not None and b - a == 1:
                 continue
-            if kv is None:
+            if sp.kv is None:
                 keys, values, n_keys = k[a:b][None], v[a:b][None], b - a
             else:
-                n_keys = start + (b - a)
-                slots = self.kv_cache.slots([kv.tables[layer - 1]], n_keys)[0]
-                keys, values = self.kv_cache.k[slots][None], self.kv_cache.v[slots][None]
+                n_keys = sp.start + (b - a)
+                slots = cache.slots([sp.kv.tables[layer - 1]], n_keys)[0]
+                keys, values = cache.k[slots][None], cache.v[slots][None]
             out[a:b] = attention(q[a:b][None], keys, values, causal_mask(b - a, n_keys))[0]
         return out
-
-    def _write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, spans) -> None:
-        tok = torch.cat([torch.arange(a, b) for a, b, _, _ in spans])
-        slots = torch.cat([self.kv_cache.slots([kv.tables[layer - 1]], start + b - a)[0, start:]
-                           for a, b, start, kv in spans])
-        self.kv_cache.write(slots, k[tok], v[tok])
 
     # ---- the shared head -----------------------------------------------------------------
     def head(self, h: torch.Tensor) -> torch.Tensor:
