@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -117,8 +116,8 @@ class LoadMix:
             problems.append(f"--reference-layers={o.reference_layers}: must be >= 1")
         if any(not 1 <= k <= o.reference_layers for k in layers):
             problems.append(f"--exit-layers={o.exit_layers}: each must be in 1..{o.reference_layers}")
-        if len(weights) != len(layers) or any(w < 0 for w in weights):
-            problems.append(f"--exit-weights={o.exit_weights}: one weight >= 0 per exit layer")
+        if len(weights) != len(layers) or any(w < 0 for w in weights) or (layers and not sum(weights)):
+            problems.append(f"--exit-weights={o.exit_weights}: one weight >= 0 per exit layer, not all 0")
         for name in ("confidence_share", "stream_share"):
             if not 0 <= getattr(o, name) <= 1:
                 problems.append(f"--{name.replace('_', '-')}={getattr(o, name)}: must be in 0..1")
@@ -239,7 +238,10 @@ class BitSkipUser(HttpUser):
                 raise RuntimeError(f"error event: {event['error']}")
             if "token_id" in event:
                 now = time.perf_counter()
-                name, ms = (f"ttft {sse_name}", now - sent) if last is None else (f"inter-token {sse_name}", now - last)
+                if last is None:
+                    name, ms = f"ttft {sse_name}", now - sent
+                else:
+                    name, ms = f"inter-token {sse_name}", now - last
                 fire(request_type="SSE", name=name, response_time=ms * 1000, response_length=len(line),
                      exception=None, context={})
                 last = now

@@ -31,14 +31,41 @@ class TernaryLinear(Protocol):
         ...
 
 
+def _cuda_usable() -> bool:
+    """A CUDA device is present and Triton imports (the kernels module itself is imported only
+    when a CUDA projection is built, so Triton's interpreter switch is read then)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def available_backends() -> list[str]:
-    return ["cpu"]
+    return ["cpu", "cuda"] if _cuda_usable() else ["cpu"]
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """"auto" -> "cuda" when a GPU and Triton are there, else "cpu"; a named backend is checked."""
+    if backend == "auto":
+        return "cuda" if _cuda_usable() else "cpu"
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+    return backend
 
 
 def ternary_linear(parts: list[PackedWeight], activation_bits: int, hadamard: bool,
-                   backend: str = "cpu") -> TernaryLinear:
-    """Build one (possibly fused) projection on `backend`."""
+                   backend: str = "cpu", device: str | None = None) -> TernaryLinear:
+    """Build one (possibly fused) projection on `backend` ("cpu", "cuda" or "auto").
+
+    `device` is for the cuda backend only: default "cuda"; tests pass "cpu" to run the Triton
+    kernels under TRITON_INTERPRET=1.
+    """
+    backend = resolve_backend(backend)
     if backend == "cpu":
         from .cpu import CpuTernaryLinear
         return CpuTernaryLinear(parts, activation_bits, hadamard)
-    raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
+    from .cuda import CudaTernaryLinear
+    return CudaTernaryLinear(parts, activation_bits, hadamard, device=device or "cuda")
