@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -47,3 +49,13 @@ def tiny(tmp_path, variant):
 def tiny_v1(tmp_path):
     model = reference_model("v1")
     return model, write_packed(model, tmp_path / "tiny-v1")
+
+
+def require_system(missing: str, how: str) -> None:
+    """A system dependency (Debian package, tool) is absent: fail in CI, which installs it
+    (.ci/run exports CI=1), and skip with the fix elsewhere, so `make test` on a machine with
+    only Python still passes."""
+    message = f"{missing} is missing: {how}"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)

@@ -28,6 +28,7 @@ from models.random_checkpoint import write_random_checkpoint
 
 from test_deploy_static import (PROMETHEUS_CONFIG, adapter_rule, dashboard_queries, load_dashboard,
                                 variable_queries)
+from conftest import require_system
 from test_server_live import bitskip_serve, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -43,9 +44,7 @@ K8S_LABELS = {"namespace": "bitskip-test", "pod": "bitskip-serve-0"}
 def prometheus_binary() -> str:
     path = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
     if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus missing: .ci/run installs the Debian package prometheus")
-        pytest.skip("prometheus missing: apt-get install prometheus (CI installs it)")
+        require_system("prometheus", "apt-get install prometheus (.ci/run installs it)")
     return path
 
 
