@@ -15,7 +15,9 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, in float32 (the mean accumulated in float64)."""
     mean_sq = x.double().square().mean(dim=-1, keepdim=True).float()
-    return x / torch.sqrt(mean_sq + eps) * weight
+    # sqrt of a float32 taken in float64 and rounded once is the correctly rounded float32 sqrt,
+    # which some CPU builds' vectorized float32 sqrt is not (GPUs and our kernels are).
+    return x / torch.sqrt((mean_sq + eps).double()).float() * weight
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

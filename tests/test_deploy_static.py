@@ -19,8 +19,9 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from conftest import require_system
 import yaml
+
+from conftest import require_system
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy/grafana/dashboards/bitskip.json"

@@ -1,6 +1,8 @@
 """Triton kernels of the CUDA backend, and their thin launch wrappers.
 
-Three kernels, all reproducing DESIGN section 2 bit for bit:
+The kernels, all reproducing DESIGN section 2 bit for bit (design and measurements to do:
+engine/kernels/NOTES.md; one module because the three matrix kernels share the weight layout
+and the launch code, and the quantizer shares the interpreter switch):
 
 * `_quant_kernel`: one program per token row. Optional fused RMSNorm (mean of squares accumulated
   in float64, like models.functional.rms_norm), optional Walsh-Hadamard butterfly (the same adds,
@@ -8,9 +10,10 @@ Three kernels, all reproducing DESIGN section 2 bit for bit:
   int8 codes in [-Q, Q] with round-half-to-even.
 * `_prefill_kernel`: tiles of int8 activations times 2-bit weight codes unpacked in registers to
   int8, `tl.dot` into int32 (tensor cores on Ampere/Hopper), epilogue acc * (s / Q) * gamma.
-* `_decode_kernel`: a handful of rows (M <= 8). Row-parallel GEMV: each program owns BLOCK_N
-  output features over the whole K, reads every packed byte exactly once, and multiplies on the
-  CUDA cores into int32 elementwise partial sums that are reduced once at the end.
+* `_decode_kernel`: a handful of rows (M <= 8). Row-parallel GEMV on 32-bit words: each program
+  owns BLOCK_N output features over the whole K, reads every packed byte exactly once, and
+  multiplies four weights per dp4a into int32 partial sums that are reduced once at the end.
+* `_decode_bytes_kernel`: the same GEMV one weight at a time (fallback and benchmark baseline).
 
 Weight layout (re-laid once at load by `relayout_packed`): uint8 [N, Kp / 4], Kp = K rounded up to
 a multiple of GROUP = 128, padding codes = 1 (weight 0). Inside each group of 128 in-features the
@@ -40,7 +43,6 @@ except ImportError:  # pragma: no cover - older layouts
 
 GROUP = 128            # in-features per re-laid group
 PLANE = GROUP // 4     # bytes per row per group = in-features per plane
-EPS = 1e-5             # DESIGN section 2: eps of the activation scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,21 +86,6 @@ def unrelayout_packed(grouped: torch.Tensor, in_features: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _round_half_even(y, USE_RINT: tl.constexpr):
-    """torch.round on float32: round half to even."""
-    if USE_RINT:
-        r = libdevice.rint(y)                      # cvt.rni.f32.f32
-    else:
-        # Interpreter path (libdevice is not available there). Exact for |y| < 2^23: floor and
-        # y - floor(y) are exact in float32.
-        f = tl.floor(y)
-        d = y - f
-        f_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-        r = tl.where((d > 0.5) | ((d == 0.5) & f_odd), f + 1.0, f)
-    return r
-
-
-@triton.jit
 def _quant_kernel(x_ptr, nw_ptr, codes_ptr, s_ptr,
                   K_IN, K_OUT, stride_xm, stride_cm, eps, inv_sqrt_n,
                   QMAX: tl.constexpr, HAS_NORM: tl.constexpr, HADAMARD: tl.constexpr,
@@ -112,6 +99,9 @@ def _quant_kernel(x_ptr, nw_ptr, codes_ptr, s_ptr,
         # models.functional.rms_norm: x / sqrt(mean(x^2) + eps) * w, mean in float64.
         x64 = x.to(tl.float64)
         mean_sq = (tl.sum(x64 * x64, axis=0) / K_IN).to(tl.float32)
+        # Correctly rounded square root (as torch on CUDA). NOTE: torch's CPU float32 sqrt is not
+        # always correctly rounded (about 0.6% of inputs 1 ulp off on an AVX-512 build), so a
+        # fused norm can differ from models.functional.rms_norm on a CPU by 1 ulp in rare rows.
         denom = tl.sqrt_rn(mean_sq + eps)
         w = tl.load(nw_ptr + offs, mask=in_mask, other=0.0).to(tl.float32)
         x = tl.div_rn(x, denom) * w
@@ -129,9 +119,21 @@ def _quant_kernel(x_ptr, nw_ptr, codes_ptr, s_ptr,
     # models.quant.quantize_activations: s = max(absmax, eps); q = clamp(round(x * (Q / s)), -Q, Q)
     out_mask = offs < K_OUT
     amax = tl.max(tl.where(out_mask, tl.abs(x), 0.0), axis=0)
-    s = tl.maximum(amax, 1e-5)
-    inv = tl.div_rn(QMAX * 1.0 + tl.zeros_like(s), s)
-    q = _round_half_even(x * inv, USE_RINT)
+    s = tl.maximum(amax, 1e-5)                                  # eps of DESIGN section 2
+    # `q_max / s` in torch is Tensor.__rtruediv__ = s.reciprocal() * q_max: two roundings, and
+    # a quarter of the time not the correctly rounded quotient. Reproduce exactly that.
+    inv = tl.div_rn(1.0 + tl.zeros_like(s), s) * QMAX
+    y = x * inv
+    # torch.round: round half to even.
+    if USE_RINT:
+        q = libdevice.rint(y)                                   # cvt.rni.f32.f32
+    else:
+        # Interpreter path (libdevice does not run there). Exact for |y| < 2^23: floor(y) and
+        # y - floor(y) are exact in float32.
+        f = tl.floor(y)
+        d = y - f
+        f_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+        q = tl.where((d > 0.5) | ((d == 0.5) & f_odd), f + 1.0, f)
     q = tl.minimum(tl.maximum(q, -QMAX * 1.0), QMAX * 1.0)
     tl.store(codes_ptr + row * stride_cm + offs, q.to(tl.int8), mask=out_mask)
     tl.store(s_ptr + row, s)
@@ -184,10 +186,11 @@ def _prefill_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
 
 
 @triton.jit
-def _decode_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
-                   M, N, K, KB, stride_am, stride_wn, stride_om,
-                   QMAX: tl.constexpr, EPILOGUE: tl.constexpr, R: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+def _decode_bytes_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
+                         M, N, K, KB, stride_am, stride_wn, stride_om,
+                         QMAX: tl.constexpr, EPILOGUE: tl.constexpr, R: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+    """The plain GEMV: bytes, one weight at a time (about 3 integer ops per weight)."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -228,6 +231,82 @@ def _decode_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
         tl.store(out_ptrs, acc, mask=mask)
 
 
+@triton.jit
+def _dp4a(cw, aw, acc, USE_DP4A: tl.constexpr):
+    """acc + sum over the 4 byte lanes of unsigned(cw) * signed(aw): PTX dp4a.u32.s32."""
+    if USE_DP4A:
+        r = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [cw, aw, acc],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        # Same sum in plain integer ops (the interpreter's path): unsigned lanes of cw, signed
+        # lanes of aw (shift left then arithmetic shift right sign-extends a byte).
+        r = acc + (cw & 0xFF) * ((aw << 24) >> 24)
+        r += ((cw >> 8) & 0xFF) * ((aw << 16) >> 24)
+        r += ((cw >> 16) & 0xFF) * ((aw << 8) >> 24)
+        r += ((cw >> 24) & 0xFF) * (aw >> 24)
+    return r
+
+
+@triton.jit
+def _decode_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
+                   M, N, KW, KBW, stride_am, stride_wn, stride_om,
+                   QMAX: tl.constexpr, EPILOGUE: tl.constexpr, RW: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                   USE_DP4A: tl.constexpr):
+    """GEMV on 32-bit words: activations int8 [M, K] read as int32 [M, K/4] (KW words a row),
+    weights as int32 [N, Kp/16] (KBW words a row), strides in words.
+
+    A weight word holds 16 codes: bytes r..r+3 of a 32-byte plane chunk. `word & (0x03030303 << 2j)`
+    leaves in each byte lane the code of in-feature 32j + r + lane, times 4^j; those four
+    in-features are one activation word, so one dp4a multiplies four weights: per 16 weights,
+    4 LOP3 + 4 DP4A. The four planes are the leading axis of every tensor here.
+    """
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, BLOCK_W)
+    plane = tl.arange(0, 4)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n[:, None] * stride_wn
+    a_rows = a_ptr + offs_m[:, None] * stride_am
+    # Byte-lane masks of the four planes: 0x03030303 << 2j (the last one wraps to negative int32).
+    lane_mask = (0x03030303 << (2 * plane))[:, None, None, None]
+
+    acc = tl.zeros((4, BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.int32)   # plane j holds 4^j * dot
+    asum = tl.zeros((4, BLOCK_M, 1, BLOCK_W), dtype=tl.int32)
+    ones = tl.full((4, BLOCK_M, 1, BLOCK_W), 0x01010101, dtype=tl.int32)
+    for w0 in range(0, KBW, BLOCK_W):
+        c = w0 + offs_w
+        c_mask = c < KBW
+        wv = tl.load(w_rows + c[None, :], mask=n_mask[:, None] & c_mask[None, :], other=0)
+        # Activation word of plane j for weight word c: group * 32 + 8j + (c % 8) (RW = 8).
+        kw = ((c // RW) * (4 * RW) + (c % RW))[None, :] + RW * plane[:, None]       # [4, BLOCK_W]
+        a_ok = (c_mask[None, :] & (kw < KW))[:, None, :] & m_mask[None, :, None]
+        aw = tl.load(a_rows[None, :, :] + kw[:, None, :], mask=a_ok, other=0)      # [4, BLOCK_M, BLOCK_W]
+        aw = aw[:, :, None, :]
+        asum = _dp4a(ones, aw, asum, USE_DP4A)
+        cw = wv[None, None, :, :] & lane_mask                                     # [4, 1, BLOCK_N, BLOCK_W]
+        acc = _dp4a(tl.broadcast_to(cw, (4, BLOCK_M, BLOCK_N, BLOCK_W)),
+                    tl.broadcast_to(aw, (4, BLOCK_M, BLOCK_N, BLOCK_W)), acc, USE_DP4A)
+
+    # Plane sums are exact multiples of 4^j, so the arithmetic shifts are exact divisions. Weights
+    # are codes - 1: sum a * (c - 1) = sum a * c - sum a.
+    per_plane = tl.sum(acc, axis=3) >> (2 * plane)[:, None, None]                # [4, BLOCK_M, BLOCK_N]
+    acc = tl.sum(per_plane, axis=0) - tl.sum(tl.sum(asum, axis=3), axis=0)        # [BLOCK_M, BLOCK_N]
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if EPILOGUE:
+        s = tl.load(s_ptr + offs_m, mask=m_mask, other=1.0)
+        gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
+        sq = tl.div_rn(s, QMAX * 1.0 + tl.zeros_like(s))
+        y = acc.to(tl.float32) * sq[:, None] * gamma[None, :]
+        tl.store(out_ptrs, y, mask=mask)
+    else:
+        tl.store(out_ptrs, acc, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs: a single small one under the interpreter; a few H100 candidates for the autotuner.
 # ---------------------------------------------------------------------------------------------
@@ -241,11 +320,23 @@ def _is_interpreted(fn) -> bool:
 
 
 INTERPRETED = _is_interpreted(_quant_kernel)
+if INTERPRETED:
+    # The interpreter re-patches triton.language on every call of a nested @triton.jit function
+    # (milliseconds each); inside an interpreted kernel the plain Python function does the same.
+    _dp4a = _dp4a.fn
 # Autotune on a real GPU unless BITSKIP_TRITON_AUTOTUNE=0 (then the heuristic configs below).
 AUTOTUNE = not INTERPRETED and os.environ.get("BITSKIP_TRITON_AUTOTUNE", "1") != "0"
+# dp4a through inline PTX on a GPU (BITSKIP_DP4A=0 falls back to the same kernel in plain Triton
+# integer ops, which is what the interpreter runs).
+USE_DP4A = not INTERPRETED and os.environ.get("BITSKIP_DP4A", "1") != "0"
 
-INTERPRETER_PREFILL = dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=2, num_warps=4, num_stages=1)
-INTERPRETER_DECODE = dict(BLOCK_N=32, BLOCK_KB=64, num_warps=4, num_stages=1)
+INTERPRETER_CONFIGS = {
+    # Large tiles: the interpreter's cost is per Triton op, so fewer, bigger programs run faster.
+    # test_triton_kernels.py also runs small explicit tiles for the ragged-edge paths.
+    "prefill": dict(BLOCK_M=32, BLOCK_N=128, GROUP_M=2, num_warps=4, num_stages=1),
+    "decode": dict(BLOCK_N=128, BLOCK_W=32, num_warps=4, num_stages=1),
+    "decode_bytes": dict(BLOCK_N=128, BLOCK_KB=128, num_warps=4, num_stages=1),
+}
 
 _PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
@@ -256,17 +347,26 @@ _PREFILL_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
 ]
 
+# Decode: 4 planes x BLOCK_M x BLOCK_N x BLOCK_W int32 partial sums live in registers; the pruner
+# keeps BLOCK_M * BLOCK_N * BLOCK_W <= 256 per warp (<= 32 accumulator registers a thread).
 _DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": 4, "BLOCK_W": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 8, "BLOCK_W": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_W": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 8, "BLOCK_W": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 4, "BLOCK_W": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_N": 16, "BLOCK_W": 32}, num_warps=8, num_stages=2),
+]
+_DECODE_ELEMS_PER_WARP = 256
+
+_DECODE_BYTES_CONFIGS = [
     triton.Config({"BLOCK_N": 8, "BLOCK_KB": 256}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 16, "BLOCK_KB": 128}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 16, "BLOCK_KB": 256}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_N": 32, "BLOCK_KB": 128}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_N": 8, "BLOCK_KB": 512}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_N": 4, "BLOCK_KB": 512}, num_warps=4, num_stages=2),
 ]
-
-# Register budget of the decode kernel: BLOCK_M * BLOCK_N * BLOCK_KB int32 partial sums.
-_DECODE_MAX_ELEMS = 8192
+_DECODE_BYTES_ELEMS_PER_WARP = 2048
 
 
 def _prune_prefill(configs, named_args, **kwargs):
@@ -275,43 +375,50 @@ def _prune_prefill(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def _prune_decode(configs, named_args, **kwargs):
-    block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    kept = [c for c in configs if block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_KB"] <= _DECODE_MAX_ELEMS]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_KB"])]
+def _pruner(width_key: str, budget_per_warp: int):
+    def prune(configs, named_args, **kwargs):
+        block_m = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+        kept = [c for c in configs
+                if block_m * c.kwargs["BLOCK_N"] * c.kwargs[width_key] <= budget_per_warp * c.num_warps]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs[width_key])]
+    return prune
 
 
 if AUTOTUNE:
     _prefill_tuned = triton.autotune(_PREFILL_CONFIGS, key=["M_BUCKET", "N", "K", "EPILOGUE"],
                                      prune_configs_by={"early_config_prune": _prune_prefill})(_prefill_kernel)
-    _decode_tuned = triton.autotune(_DECODE_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE"],
-                                    prune_configs_by={"early_config_prune": _prune_decode})(_decode_kernel)
+    _decode_tuned = triton.autotune(
+        _DECODE_CONFIGS, key=["N", "KW", "BLOCK_M", "EPILOGUE"],
+        prune_configs_by={"early_config_prune": _pruner("BLOCK_W", _DECODE_ELEMS_PER_WARP)})(_decode_kernel)
+    _decode_bytes_tuned = triton.autotune(
+        _DECODE_BYTES_CONFIGS, key=["N", "K", "BLOCK_M", "EPILOGUE"],
+        prune_configs_by={"early_config_prune": _pruner("BLOCK_KB", _DECODE_BYTES_ELEMS_PER_WARP)},
+    )(_decode_bytes_kernel)
 
 
 def _m_bucket(m: int) -> int:
     return min(1 << max(m - 1, 0).bit_length(), 512)
 
 
-def default_prefill_config(m: int) -> dict:
+def default_config(kernel: str, m: int) -> dict:
+    """Meta-parameters when not autotuning (interpreter, or BITSKIP_TRITON_AUTOTUNE=0)."""
     if INTERPRETED:
-        return dict(INTERPRETER_PREFILL)
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return dict(BLOCK_M=bm, BLOCK_N=128, GROUP_M=8, num_warps=8 if bm == 128 else 4,
-                num_stages=3 if bm == 128 else 4)
-
-
-def default_decode_config(block_m: int) -> dict:
-    if INTERPRETED:
-        return dict(INTERPRETER_DECODE)
-    return dict(BLOCK_N=16 if block_m <= 2 else 8, BLOCK_KB=256 if block_m <= 2 else 128,
-                num_warps=4, num_stages=2)
+        return dict(INTERPRETER_CONFIGS[kernel])
+    if kernel == "prefill":
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+        return dict(BLOCK_M=bm, BLOCK_N=128, GROUP_M=8, num_warps=8 if bm == 128 else 4,
+                    num_stages=3 if bm == 128 else 4)
+    if kernel == "decode":
+        return dict(BLOCK_N=8 if m <= 4 else 4, BLOCK_W=64 if m <= 2 else 32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=16 if m <= 2 else 8, BLOCK_KB=256 if m <= 2 else 128, num_warps=4, num_stages=2)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launch wrappers
 # ---------------------------------------------------------------------------------------------
 
-DECODE_MAX_M = 8  # the decode kernel's hard limit; CudaTernaryLinear picks its own threshold
+DECODE_MAX_M = 8  # the decode kernels' hard limit; CudaTernaryLinear picks its own threshold
+KERNELS = ("prefill", "decode", "decode_bytes")
 
 
 def _check_rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -329,6 +436,8 @@ def quantize_rows(x: torch.Tensor, qmax: int, out_features: int, hadamard: bool,
     out_features must equal K_in. `norm_weight` [K_in] fuses models.functional.rms_norm first.
     """
     x = _check_rows(x, "x")
+    if x.dtype != torch.float32:
+        raise TypeError(f"activations must be float32 (the reference quantizes in float32), got {x.dtype}")
     t, k_in = x.shape
     if hadamard:
         if out_features & (out_features - 1) or out_features < k_in:
@@ -357,6 +466,13 @@ def quantize_rows(x: torch.Tensor, qmax: int, out_features: int, hadamard: bool,
     return codes_out, scale_out
 
 
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """int8/uint8 [R, C] (C % 4 == 0, rows 4-byte aligned) -> the same bytes as int32 [R, C / 4]."""
+    if t.stride(1) != 1 or t.stride(0) % 4 or t.data_ptr() % 4:
+        t = t.contiguous()
+    return t.view(torch.int32)
+
+
 def ternary_matmul(codes: torch.Tensor, qweight: torch.Tensor, in_features: int,
                    scales: torch.Tensor | None = None, gamma: torch.Tensor | None = None,
                    qmax: int = 127, kernel: str = "prefill", out: torch.Tensor | None = None,
@@ -364,7 +480,7 @@ def ternary_matmul(codes: torch.Tensor, qweight: torch.Tensor, in_features: int,
     """int8 codes [M, K] x grouped packed weights [N, Kp / 4].
 
     Without `scales`/`gamma`: the exact int32 accumulators [M, N]. With them: the float32
-    projection acc * (s / Q) * gamma. `kernel` is "prefill" or "decode"; `config` overrides the
+    projection acc * (s / Q) * gamma. `kernel` is one of KERNELS; `config` overrides the
     autotuner / default meta-parameters (e.g. {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4}).
     """
     codes = _check_rows(codes, "codes")
@@ -374,6 +490,10 @@ def ternary_matmul(codes: torch.Tensor, qweight: torch.Tensor, in_features: int,
         raise ValueError(f"codes have {k} features; weights take {in_features} (packed {kpb} bytes)")
     if codes.dtype != torch.int8:
         raise TypeError(f"codes must be int8, got {codes.dtype}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "prefill" and m > DECODE_MAX_M:
+        raise ValueError(f"the decode kernels take at most {DECODE_MAX_M} rows, got {m}")
     epilogue = scales is not None
     if epilogue and gamma is None:
         raise ValueError("the float epilogue needs both scales and gamma")
@@ -383,34 +503,39 @@ def ternary_matmul(codes: torch.Tensor, qweight: torch.Tensor, in_features: int,
         return out
     s_arg = scales.reshape(-1) if epilogue else out          # placeholders are never read
     g_arg = gamma if epilogue else out
+    tuned = config is None and AUTOTUNE
+    cfg = None if tuned else dict(default_config(kernel, m) if config is None else config)
+
     if kernel == "prefill":
-        common = (codes, qweight, out, s_arg, g_arg, m, n, k,
-                  codes.stride(0), qweight.stride(0), out.stride(0), _m_bucket(m))
+        args = (codes, qweight, out, s_arg, g_arg, m, n, k,
+                codes.stride(0), qweight.stride(0), out.stride(0), _m_bucket(m))
         meta = dict(QMAX=qmax, EPILOGUE=epilogue, R=PLANE)
-        if config is None and AUTOTUNE:
-            grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-            _prefill_tuned[grid](*common, **meta)
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
+        if tuned:
+            _prefill_tuned[grid](*args, **meta)
         else:
-            cfg = dict(default_prefill_config(m) if config is None else config)
             cfg.setdefault("GROUP_M", 8)
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-            _prefill_kernel[grid](*common, **meta, **cfg)
+            _prefill_kernel[grid(cfg)](*args, **meta, **cfg)
     elif kernel == "decode":
-        if m > DECODE_MAX_M:
-            raise ValueError(f"the decode kernel takes at most {DECODE_MAX_M} rows, got {m}")
-        block_m = triton.next_power_of_2(m)
-        common = (codes, qweight, out, s_arg, g_arg, m, n, k, kpb,
-                  codes.stride(0), qweight.stride(0), out.stride(0))
-        meta = dict(QMAX=qmax, EPILOGUE=epilogue, R=PLANE, BLOCK_M=block_m)
-        if config is None and AUTOTUNE:
-            grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)
-            _decode_tuned[grid](*common, **meta)
+        a32, w32 = _as_words(codes), _as_words(qweight)
+        args = (a32, w32, out, s_arg, g_arg, m, n, k // 4, kpb // 4,
+                a32.stride(0), w32.stride(0), out.stride(0))
+        meta = dict(QMAX=qmax, EPILOGUE=epilogue, RW=PLANE // 4, BLOCK_M=triton.next_power_of_2(m),
+                    USE_DP4A=USE_DP4A)
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)
+        if tuned:
+            _decode_tuned[grid](*args, **meta)
         else:
-            cfg = dict(default_decode_config(block_m) if config is None else config)
+            _decode_kernel[grid(cfg)](*args, **meta, **cfg)
+    else:
+        args = (codes, qweight, out, s_arg, g_arg, m, n, k, kpb,
+                codes.stride(0), qweight.stride(0), out.stride(0))
+        meta = dict(QMAX=qmax, EPILOGUE=epilogue, R=PLANE, BLOCK_M=triton.next_power_of_2(m))
+        grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]),)
+        if tuned:
+            _decode_bytes_tuned[grid](*args, **meta)
+        else:
             if cfg["BLOCK_KB"] % PLANE:
                 raise ValueError(f"BLOCK_KB must be a multiple of {PLANE}")
-            grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-            _decode_kernel[grid](*common, **meta, **cfg)
-    else:
-        raise ValueError(f"kernel must be 'prefill' or 'decode', got {kernel!r}")
+            _decode_bytes_kernel[grid(cfg)](*args, **meta, **cfg)
     return out
