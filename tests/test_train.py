@@ -59,7 +59,7 @@ def test_early_exit_loss_is_main_plus_weighted_exit_terms():
     exits = list(preset("tiny-test").exit_points)
     w = early_exit_weights(exits)
     expected = terms[4] + 0.3 * sum(w[l] * terms[l] for l in exits)
-    assert abs(float(loss) - expected) < 1e-5
+    assert abs(float(loss.detach()) - expected) < 1e-5
     # Each term is the shifted next-token cross-entropy at that exit, computed directly.
     with torch.no_grad():
         logits = model(batch[:, :-1], [2])[2]
