@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[])
+    s.add_argument("--threshold", type=float, default=None,
+                   help="confidence policy: each token exits at the first exit point this sure")
+    s.add_argument("--min-exit-layer", type=int, default=1)
     s.add_argument("prompt")
 
     s = sub.add_parser("perplexity", help="perplexity of a text file at several exit layers")
@@ -111,12 +114,19 @@ def cmd_generate(args) -> None:
     engine = LLMEngine(load_checkpoint(args.model), EngineConfig(max_num_seqs=1))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    confidence = None
+    if args.threshold is not None:
+        confidence = engine.confidence_rule(args.threshold, args.min_exit_layer)
     t0 = time.perf_counter()
-    seq = engine.generate([engine.encode(args.prompt)], params, args.exit_layer)[0]
+    seq = engine.add_request(engine.encode(args.prompt), params, args.exit_layer, confidence=confidence)
+    while engine.has_unfinished():
+        engine.step()
     dt = time.perf_counter() - t0
     print(seq.text)
-    print(f"[{len(seq.output_ids)} tokens at exit layer {seq.exit_layer} in {dt:.2f}s, "
-          f"finish_reason={seq.finish_reason}]", file=sys.stderr)
+    depth = (f"mean exit layer {sum(seq.exit_layers) / max(1, len(seq.exit_layers)):.1f} (confidence)"
+             if confidence else f"exit layer {seq.exit_layer}")
+    print(f"[{len(seq.output_ids)} tokens at {depth} in {dt:.2f}s, finish_reason={seq.finish_reason}]",
+          file=sys.stderr)
 
 
 def cmd_perplexity(args) -> None:
