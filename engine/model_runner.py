@@ -98,7 +98,6 @@ class _Layout:
     spans: list[_Span]
     cos: torch.Tensor
     sin: torch.Tensor
-    write_idx: torch.Tensor   # rows of h whose K/V go to the cache
     decode: list[_Span]       # single-token cached rows: one batched attention call
     decode_idx: torch.Tensor
     decode_len: torch.Tensor
@@ -210,10 +209,8 @@ class ModelRunner:
             spans.append(_Span(offset, offset + n, lv.positions_start, lv.row.kv))
             offset += n
         positions = torch.cat([torch.arange(sp.start, sp.start + sp.b - sp.a) for sp in spans])
-        cached = [sp for sp in spans if sp.kv is not None]
-        decode = [sp for sp in cached if sp.b - sp.a == 1]
-        write_idx = torch.cat([torch.arange(sp.a, sp.b) for sp in cached]) if cached else torch.empty(0, dtype=torch.long)
-        return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], write_idx, decode,
+        decode = [sp for sp in spans if sp.kv is not None and sp.b - sp.a == 1]
+        return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
                        torch.tensor([sp.a for sp in decode], dtype=torch.long),
                        torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long))
 
@@ -240,25 +237,23 @@ class ModelRunner:
         """Causal attention of each row's running tokens over its cached and running keys."""
         out = torch.empty(q.shape[0], self.q_size)
         cache = self.kv_cache
-        if len(layout.write_idx):
-            slots = torch.cat([cache.slots([sp.kv.tables[layer - 1]], sp.start + sp.b - sp.a)[0, sp.start:]
-                               for sp in layout.spans if sp.kv is not None])
-            cache.write(slots, k[layout.write_idx], v[layout.write_idx])
         if layout.decode:  # single-token rows share one padded attention call
-            lengths = layout.decode_len
+            lengths, idx = layout.decode_len, layout.decode_idx
             slots = cache.slots([sp.kv.tables[layer - 1] for sp in layout.decode], int(lengths.max()))
+            cache.write(slots.gather(1, (lengths - 1)[:, None])[:, 0], k[idx], v[idx])
             mask = (torch.arange(slots.shape[1])[None, :] < lengths[:, None])[:, None, :]
-            idx = layout.decode_idx
             out[idx] = attention(q[idx][:, None], cache.k[slots], cache.v[slots], mask)[:, 0]
         for sp in layout.spans:
             a, b = sp.a, sp.b
             if sp.kv is not None and b - a == 1:
                 continue
+            if sp.kv is not None:
+                slots = cache.slots([sp.kv.tables[layer - 1]], sp.start + b - a)[0]
+                cache.write(slots[sp.start:], k[a:b], v[a:b])
             if sp.kv is None:
                 keys, values, n_keys = k[a:b][None], v[a:b][None], b - a
             else:
                 n_keys = sp.start + (b - a)
-                slots = cache.slots([sp.kv.tables[layer - 1]], n_keys)[0]
                 keys, values = cache.k[slots][None], cache.v[slots][None]
             out[a:b] = attention(q[a:b][None], keys, values, causal_mask(b - a, n_keys))[0]
         return out
