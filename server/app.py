@@ -10,7 +10,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -186,6 +186,24 @@ class Server:
             if not seq.finished:  # the client went away, or an error: free the KV now
                 self.loop.abort(stream)
 
+    def event_stream(self, stream: RequestStream, event: Callable, final: Callable) -> StreamingResponse:
+        """Server-sent events: `event(output)` per output (None: nothing to send), `final(seq)`
+        at the end, an error event if the engine fails the request, then `[DONE]`."""
+        async def events():
+            try:
+                async for out in self.outputs(stream):
+                    if (data := event(out)) is not None:
+                        yield sse(data)
+                yield sse(final(stream.seq))
+            except RequestFailed as e:
+                yield sse({"error": {"message": str(e), "type": "internal_error", "param": None}})
+            finally:
+                if not stream.seq.finished:  # the client went away mid-stream
+                    self.loop.abort(stream)
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
     async def run_to_completion(self, request: Request, stream: RequestStream) -> Sequence:
         """Collect a request's outputs; abort it if the client disconnects first."""
         async def collect():
@@ -278,23 +296,12 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
         if not body.stream:
             return generate_result(await server.run_to_completion(request, stream))
 
-        async def events():
-            try:
-                async for out in server.outputs(stream):
-                    if out.token_id is not None:
-                        yield sse({"token_id": out.token_id, "text": out.text_delta,
-                                   "exit_layer": out.exit_layer})
-                    elif out.text_delta:
-                        yield sse({"text": out.text_delta})
-                yield sse(generate_result(stream.seq))
-            except RequestFailed as e:
-                yield sse({"error": {"message": str(e), "type": "internal_error", "param": None}})
-            finally:
-                if not stream.seq.finished:  # the client went away mid-stream
-                    server.loop.abort(stream)
-            yield sse("[DONE]")
+        def token_event(out):
+            if out.token_id is not None:
+                return {"token_id": out.token_id, "text": out.text_delta, "exit_layer": out.exit_layer}
+            return {"text": out.text_delta} if out.text_delta else None
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return server.event_stream(stream, token_event, lambda seq: generate_result(seq))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -317,20 +324,9 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
             seq = await server.run_to_completion(request, stream)
             return chunk(seq.text, _openai_finish(seq.finish_reason), seq)
 
-        async def events():
-            try:
-                async for out in server.outputs(stream):
-                    if out.text_delta:
-                        yield sse(chunk(out.text_delta, None))
-                yield sse(chunk("", _openai_finish(stream.seq.finish_reason), stream.seq))
-            except RequestFailed as e:
-                yield sse({"error": {"message": str(e), "type": "internal_error", "param": None}})
-            finally:
-                if not stream.seq.finished:  # the client went away mid-stream
-                    server.loop.abort(stream)
-            yield sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return server.event_stream(
+            stream, lambda out: chunk(out.text_delta, None) if out.text_delta else None,
+            lambda seq: chunk("", _openai_finish(seq.finish_reason), seq))
 
     @app.get("/v1/models")
     async def models():

@@ -7,10 +7,19 @@ import os
 import pytest
 import torch
 
-from models.checkpoint import latent_state, load_checkpoint, pack_state, save_checkpoint
+from models.checkpoint import Checkpoint, latent_state, load_checkpoint, pack_state, save_checkpoint
 from models.config import preset
 from models.model import BitSkipForCausalLM
 from models.tokenizer import byte_level_tokenizer, default_generation_config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny tensors: threads only add overhead (and contention on a shared CI machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def reference_model(variant: str = "v1", seed: int = 0, **overrides) -> BitSkipForCausalLM:
@@ -27,7 +36,7 @@ def reference_model(variant: str = "v1", seed: int = 0, **overrides) -> BitSkipF
     return model
 
 
-def write_packed(model: BitSkipForCausalLM, path) -> "Checkpoint":  # noqa: F821
+def write_packed(model: BitSkipForCausalLM, path) -> Checkpoint:
     save_checkpoint(path, model.config, pack_state(latent_state(model), model.config),
                     byte_level_tokenizer(), default_generation_config())
     return load_checkpoint(path)

@@ -16,14 +16,6 @@ from conftest import reference_model, write_packed
 GREEDY = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sure_model(variant="v1"):
     """A tiny model with a sharpened head, so that confidence varies from token to token."""
     model = reference_model(variant, seed=3)

@@ -15,14 +15,6 @@ from engine.weights import ModelWeights
 from conftest import reference_model, write_packed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["v1", "v3"])
 def model_and_weights(request, tmp_path_factory):
     model = reference_model(request.param, seed=3)

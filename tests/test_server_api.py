@@ -32,15 +32,6 @@ CONTEXT = 128
 
 
 # ---- fixtures and helpers ----------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: threads only add overhead (and contention on a shared CI machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def v1(tmp_path_factory):
     model = reference_model("v1")

@@ -17,14 +17,6 @@ from conftest import reference_model, write_packed
 L = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sure(tmp_path_factory):
     """A tiny model with a sharpened head, so that confidence varies from token to token."""
