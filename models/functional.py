@@ -47,14 +47,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     attend. Query head j reads KV head j // (H / Hkv). Returns [B, Tq, H * D].
     """
     b, tq, h, d = q.shape
-    group = h // k.shape[2]
-    qd = q.double().transpose(1, 2)                                   # [B, H, Tq, D]
-    kd = k.double().repeat_interleave(group, dim=2).transpose(1, 2)   # [B, H, Tk, D]
-    vd = v.double().repeat_interleave(group, dim=2).transpose(1, 2)
-    scores = (qd @ kd.transpose(-1, -2)) * (d ** -0.5)
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ vd                          # [B, H, Tq, D]
-    return out.transpose(1, 2).reshape(b, tq, h * d).float()
+    hkv = k.shape[2]
+    group = h // hkv
+    # The queries of a KV head's group share its keys: fold them into the query axis
+    # ([B, Hkv, group * Tq, D]) instead of copying K and V once per query head.
+    qd = q.double().view(b, tq, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(b, hkv, group * tq, d)
+    kd = k.double().transpose(1, 2)                                   # [B, Hkv, Tk, D]
+    vd = v.double().transpose(1, 2)
+    scores = (qd @ kd.transpose(-1, -2)) * (d ** -0.5)                # [B, Hkv, group * Tq, Tk]
+    allowed = mask[:, None, None].expand(mask.shape[0], 1, group, tq, mask.shape[-1])
+    scores = scores.masked_fill(~allowed.reshape(mask.shape[0], 1, group * tq, -1), float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vd                          # [B, Hkv, group * Tq, D]
+    return out.view(b, hkv, group, tq, d).permute(0, 3, 1, 2, 4).reshape(b, tq, h * d).float()
 
 
 def causal_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
