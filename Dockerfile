@@ -38,8 +38,8 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-
     && pip install --no-cache-dir --constraint /tmp/torch-constraint.txt /tmp/src \
     && rm -rf /tmp/src /tmp/torch-constraint.txt
 
-# The bundled default model is served when no model is named. Until models/default/ ships,
-# resolve_model writes the random tiny-test stand-in now, so the container never writes at start.
+# The bundled default model (models/default/, package data) is served when no model is named;
+# the build prints which checkpoint that resolves to.
 WORKDIR /
 RUN python -c "from models.default_model import resolve_model; print('default model:', resolve_model(None))" \
     && chmod -R a+rX /opt/bitskip

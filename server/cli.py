@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting before 429")
     s.add_argument("--max-batched-tokens", type=int, default=512, help="tokens computed per engine step")
     s.add_argument("--api-key", default=os.environ.get("BITSKIP_API_KEY"))
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: all cores but one, at least 1)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-level", default="info")
@@ -207,9 +208,13 @@ def cmd_serve(args) -> None:
     from .app import ServerSettings, create_app
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(args.model)
+    # Leave a core to the HTTP side: torch's threads spin while they wait, so an engine that
+    # takes every core slows badly whenever the event loop runs.
+    threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
     engine = LLMEngine(load_checkpoint(path), EngineConfig(
         max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
-        num_threads=args.threads))
+        num_threads=threads))
+    logging.getLogger("bitskip.server").info("engine uses %d torch threads", threads)
     settings = ServerSettings(model_name=path.name, api_key=args.api_key, max_queue=args.max_queue,
                               drain_timeout=args.drain_timeout)
     app = create_app(engine, settings)
