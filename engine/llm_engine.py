@@ -44,6 +44,11 @@ class StepOutput:
 
 class LLMEngine:
     def __init__(self, ckpt: Checkpoint, config: EngineConfig = EngineConfig()):
+        if config.backend != "cpu":
+            # The Triton projections exist (engine/kernels/cuda.py); the runner that keeps the
+            # whole model on the GPU does not yet, so refuse clearly rather than fail mid-step.
+            raise ValueError(f"backend {config.backend!r} is not available for whole-model serving yet; "
+                             "use 'cpu'")
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
