@@ -29,7 +29,7 @@ from models.random_checkpoint import write_random_checkpoint
 from test_deploy_static import (PROMETHEUS_CONFIG, adapter_rule, dashboard_queries, load_dashboard,
                                 variable_queries)
 from conftest import require_system
-from test_server_live import bitskip_serve, free_port
+from test_server_live import bitskip_serve, free_port, live_process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -64,30 +64,11 @@ def prometheus(tmp: Path, target: str):
     binary = prometheus_binary()
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(scrape_config(target)))
     port = free_port()
-    log_path = tmp / "prometheus.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([binary, f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"prometheus exited with {proc.returncode}:\n{log_path.read_text()}"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, f"prometheus not ready in time:\n{log_path.read_text()}"
-            time.sleep(0.1)
+    cmd = [binary, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    with live_process(cmd, f"{url}/-/ready", tmp / "prometheus.log", "prometheus"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def query(prom: str, expr: str) -> list[dict]:

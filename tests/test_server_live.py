@@ -35,25 +35,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def bitskip_serve(ckpt_dir: Path, log_path: Path, *extra: str):
-    """Start `bitskip serve` and wait (with a deadline) until /ready answers 200."""
-    port = free_port()
+def live_process(cmd: list, ready_url: str, log_path: Path, name: str, deadline_s: float = 60):
+    """Run `cmd` (output to `log_path`) until the block ends; yields the process once
+    `ready_url` answers 200, polled with a deadline (never a fixed sleep)."""
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(ckpt_dir),
-                             "--port", str(port), "--threads", "1", "--log-level", "warning", *extra],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + deadline_s
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{log_path.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready in time:\n{log_path.read_text()}")
+                raise AssertionError(f"{name} not ready in time:\n{log_path.read_text()}")
             time.sleep(0.05)
-        yield proc, port
+        yield proc
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -63,6 +61,16 @@ def bitskip_serve(ckpt_dir: Path, log_path: Path, *extra: str):
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def bitskip_serve(ckpt_dir: Path, log_path: Path, *extra: str):
+    """Start `bitskip serve` and wait (with a deadline) until /ready answers 200."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(ckpt_dir), "--port", str(port),
+           "--threads", "1", "--log-level", "warning", *extra]
+    with live_process(cmd, f"http://127.0.0.1:{port}/ready", log_path, "server") as proc:
+        yield proc, port
 
 
 @pytest.fixture(scope="module")
