@@ -16,10 +16,11 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import git_commit  # bench/ is the script's directory, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -129,8 +130,7 @@ def main() -> None:
         print(f"{r['threshold']:>9.2f} {r['tokens_per_s']:>8.1f} {r['speedup']:>7.2f}x {r['mean_exit_decode']:>9.2f} "
               f"{r['mean_exit_teacher_forced']:>9.2f} {100 * r['agreement']:>6.1f}% {r['perplexity']:>8.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = git_commit()
     (args.out / "confidence.json").write_text(json.dumps({
         "benchmark": "confidence", "model": str(args.model), "measure": args.measure,
         "min_exit_layer": args.min_exit_layer, "scored_tokens": scored, "full_depth_tokens_per_s": full_rate,

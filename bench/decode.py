@@ -15,11 +15,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import git_commit  # bench/ is the script's directory, first on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,13 +44,6 @@ def decode_rate(engine: LLMEngine, prompt: list[int], batch: int, new_tokens: in
     dt = time.perf_counter() - t0
     return (sum(len(s.output_ids) for s in seqs) - done0) / dt
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -27,9 +27,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
+
+from common import git_commit  # bench/ is the script's directory, first on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,13 +42,6 @@ SHAPES = {"qkv": (2048, 3072), "o": (2048, 2048), "gate_up": (2048, 8192), "down
 MS = (1, 4, 16, 64, 512)
 H100_SXM_HBM_TBPS = 3.35
 
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def bench(fn, graph: bool, rep: int) -> float:

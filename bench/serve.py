@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import git_commit  # bench/ is the script's directory, first on sys.path
+
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +133,7 @@ def main() -> None:
         print(f"{r['concurrency']:>5} {r['requests']:>5} {r['tokens_per_s']:>9.1f} {r['tokens_per_s'] / base:>6.2f}x "
               f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>9.1f} {r['itl_p50_ms']:>8.1f} {r['itl_p99_ms']:>8.1f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git_commit()
     args.json.write_text(json.dumps({
         "benchmark": "serve", "url": url, "max_tokens": args.max_tokens, "exit_layers": exit_layers,
         "levels": rows, "speedup_vs_c1": {r["concurrency"]: r["tokens_per_s"] / base for r in rows},

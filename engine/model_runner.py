@@ -68,8 +68,14 @@ class _Live:
     row: Row
     index: int
     joins: list[int]                 # block at which each token (pending, then new) starts
-    states: torch.Tensor             # hidden state of each token, updated as it runs
-    first: int                       # tokens [first:] run the current block
+    states: torch.Tensor             # hidden state of each token as of the last layout change
+    first: int                       # tokens [first:] run the current block ...
+    a: int = 0                       # ... as rows h[a:b] of the batch
+    b: int = 0
+
+    def current(self, h: torch.Tensor) -> torch.Tensor:
+        """Every token's latest hidden state: those waiting to join, then those running."""
+        return torch.cat([self.states[:self.first], h[self.a:self.b]]) if self.first else h[self.a:self.b]
 
     @property
     def num_pending(self) -> int:
@@ -101,6 +107,7 @@ class _Layout:
     decode: list[_Span]       # single-token cached rows: one batched attention call
     decode_idx: torch.Tensor
     decode_len: torch.Tensor
+    pending_tokens: int       # running tokens that fill KV for earlier, early-exited tokens
 
 
 class ModelRunner:
@@ -137,24 +144,23 @@ class ModelRunner:
 
         h = None  # hidden states of the running tokens, row after row; rebuilt only when they change
         for layer in range(1, max(r.depth for r in rows) + 1):
-            joined = False
-            for lv in live:  # pending tokens whose turn has come join, in position order
-                while lv.first > 0 and lv.joins[lv.first - 1] <= layer:
-                    lv.first -= 1
-                    joined = True
-            if h is None or joined:
+            joining = any(lv.first > 0 and lv.joins[lv.first - 1] <= layer for lv in live)
+            if h is None or joining:
+                if h is not None:
+                    for lv in live:
+                        lv.states = lv.current(h)
+                for lv in live:  # pending tokens whose turn has come join, in position order
+                    while lv.first > 0 and lv.joins[lv.first - 1] <= layer:
+                        lv.first -= 1
                 h = torch.cat([lv.states[lv.first:] for lv in live])
                 layout = self._layout(live)
             h = self._block(layer, h, layout)
             self.blocks_run[layer] += h.shape[0]
-            self.deferred_fills += sum(max(0, lv.num_pending - lv.first) for lv in live)
-            offset = 0
-            for lv in live:  # views into h: cheap, and exact for the rows that leave now
-                n = len(lv.joins) - lv.first
-                lv.states = torch.cat([lv.states[:lv.first], h[offset:offset + n]]) if lv.first else h[offset:offset + n]
-                offset += n
-            going_on = self._exits(layer, live, results)
+            self.deferred_fills += layout.pending_tokens
+            going_on = self._exits(layer, h, live, results)
             if len(going_on) != len(live):
+                for lv in going_on:
+                    lv.states = lv.current(h)
                 h = None
             live = going_on
             if not live:
@@ -162,14 +168,15 @@ class ModelRunner:
         return results
 
     # ---- leaving the batch -----------------------------------------------------------------
-    def _exits(self, layer: int, live: list[_Live], results: list[RowResult | None]) -> list[_Live]:
+    def _exits(self, layer: int, h: torch.Tensor, live: list[_Live],
+               results: list[RowResult | None]) -> list[_Live]:
         """Apply the heads wanted at this layer; return the rows that go on to the next block."""
         checks = [lv for lv in live if lv.row.confidence is not None and lv.row.heads
                   and layer < lv.row.depth and lv.row.confidence.checks(layer)]
         leaving = {lv.index for lv in live if layer == lv.row.depth}
         confident = set()
         if checks:
-            logits = self.head(torch.stack([lv.states[-1] for lv in checks]))
+            logits = self.head(h[torch.tensor([lv.b - 1 for lv in checks])])
             for lv, row_logits in zip(checks, logits):
                 if lv.row.confidence.accepts(row_logits):
                     confident.add(lv.index)
@@ -177,9 +184,10 @@ class ModelRunner:
         leaving |= confident
         wanted = [lv for lv in live if layer in lv.row.heads and lv.index not in confident]
         if wanted:
-            spans = [(lv.num_pending, len(lv.joins)) if lv.row.heads[layer] == "all"
-                     else (len(lv.joins) - 1, len(lv.joins)) for lv in wanted]
-            logits = self.head(torch.cat([lv.states[a:b] for lv, (a, b) in zip(wanted, spans)]))
+            # The row's own tokens are the last ones and always running: rows h[b - n:b].
+            spans = [(lv.b - len(lv.row.tokens) if lv.row.heads[layer] == "all" else lv.b - 1, lv.b)
+                     for lv in wanted]
+            logits = self.head(torch.cat([h[a:b] for a, b in spans]))
             offset = 0
             for lv, (a, b) in zip(wanted, spans):
                 res = results[lv.index] = results[lv.index] or RowResult({}, layer)
@@ -190,29 +198,30 @@ class ModelRunner:
                 res = results[lv.index] = results[lv.index] or RowResult({}, layer)
                 res.exit_layer = layer
                 if lv.row.confidence is not None:
-                    res.pending = self._pending_after(lv, layer)
+                    res.pending = self._pending_after(lv, lv.current(h), layer)
         return [lv for lv in live if lv.index not in leaving]
 
-    def _pending_after(self, lv: _Live, layer: int) -> Pending | None:
+    def _pending_after(self, lv: _Live, states: torch.Tensor, layer: int) -> Pending | None:
         """The row's tokens that now stop below L: their depth and last hidden state."""
         depths = [layer if i >= lv.first else j - 1 for i, j in enumerate(lv.joins)]
         keep = [i for i, d in enumerate(depths) if d < self.config.num_hidden_layers]
         if not keep:
             return None
-        return Pending(lv.states[keep[0]:].clone(), depths[keep[0]:])
+        return Pending(states[keep[0]:].clone(), depths[keep[0]:])
 
     # ---- one block -----------------------------------------------------------------------
     def _layout(self, live: list[_Live]) -> _Layout:
         spans, offset = [], 0
         for lv in live:
-            n = len(lv.joins) - lv.first
-            spans.append(_Span(offset, offset + n, lv.positions_start, lv.row.kv))
-            offset += n
+            lv.a, lv.b = offset, offset + len(lv.joins) - lv.first
+            spans.append(_Span(lv.a, lv.b, lv.positions_start, lv.row.kv))
+            offset = lv.b
         positions = torch.cat([torch.arange(sp.start, sp.start + sp.b - sp.a) for sp in spans])
         decode = [sp for sp in spans if sp.kv is not None and sp.b - sp.a == 1]
         return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
                        torch.tensor([sp.a for sp in decode], dtype=torch.long),
-                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long))
+                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long),
+                       sum(max(0, lv.num_pending - lv.first) for lv in live))
 
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer - 1]

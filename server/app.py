@@ -383,13 +383,15 @@ class AuthAndCount:
 
     def __init__(self, app, server: Server, open_paths: set[str]):
         self.app, self.server, self.open_paths = app, server, open_paths
+        self.known: set[str] | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        known = {r.path for r in scope["app"].routes} if "app" in scope else set()
-        endpoint = path if path in known else "other"
+        if self.known is None and "app" in scope:  # the routes, once: the label set stays bounded
+            self.known = {r.path for r in scope["app"].routes}
+        endpoint = path if path in (self.known or ()) else "other"
         metrics, key = self.server.metrics, self.server.settings.api_key
         if key and path not in self.open_paths and not _key_matches(scope, key):
             metrics.rejected.labels("unauthorized").inc()

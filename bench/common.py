@@ -1,0 +1,15 @@
+"""What every benchmark records beside its numbers."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def git_commit() -> str:
+    """The short commit the benchmark ran at ("unknown" outside a git checkout)."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
