@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,6 +22,7 @@ from engine.llm_engine import LLMEngine
 from engine.perplexity import perplexity
 from engine.sequence import SamplingParams, Sequence
 
+from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import Metrics
 from .schemas import CompletionRequest, GenerateRequest, PerplexityRequest, SamplingFields
 
@@ -36,31 +36,6 @@ class ServerSettings:
     max_queue: int = 256
     drain_timeout: float = 30.0   # seconds running requests get to finish on shutdown
     ready_heartbeat: float = 10.0  # /ready fails when the loop has not gone round for this long
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
-
-
-def error_response(status: int, message: str, type_: str, param: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param}},
-                        status_code=status, headers=headers)
-
-
-def _validation_message(err: dict) -> tuple[str, str | None]:
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
-    param = ".".join(loc) or None
-    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-    if "prompt and token_ids" in msg or "text and token_ids" in msg:
-        return msg, "prompt" if "prompt" in msg else "text"
-    if param is None:
-        return msg, None
-    if err.get("type") == "missing":
-        return f"{param} is required", param
-    return f"{param}={err.get('input')!r} is invalid: {msg}", param
 
 
 class Server:
@@ -196,7 +171,7 @@ class Server:
                         yield sse(data)
                 yield sse(final(stream.seq))
             except RequestFailed as e:
-                yield sse({"error": {"message": str(e), "type": "internal_error", "param": None}})
+                yield sse(error_body(str(e), "internal_error"))
             finally:
                 if not stream.seq.finished:  # the client went away mid-stream
                     self.loop.abort(stream)
@@ -267,18 +242,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
 
     app.add_middleware(AuthAndCount, server=server, open_paths={"/health", "/ready", "/metrics"})
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return error_response(e.status, e.message, e.type, e.param, e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        server.metrics.rejected.labels("validation").inc()
-        errors = e.errors()
-        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        return error_response(422, message, "invalid_request_error", param)
+    install_error_handlers(app, lambda reason: server.metrics.rejected.labels(reason).inc())
 
     @app.exception_handler(RequestFailed)
     async def request_failed(request: Request, e: RequestFailed):

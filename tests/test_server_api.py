@@ -124,7 +124,7 @@ def check_error(r: httpx.Response, status: int, param: str | None, *needles: str
     body = r.json()
     assert set(body) == {"error"}, body
     err = body["error"]
-    assert set(err) == {"message", "type", "param"}, err
+    assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and isinstance(err["type"], str)
     assert err["param"] == param, err
     for needle in needles:
