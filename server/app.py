@@ -1,4 +1,5 @@
-"""The FastAPI app: /generate, /v1/completions, /v1/models, /perplexity, /health, /ready, /metrics."""
+"""The FastAPI app: /generate, /perplexity, /health, /ready, /metrics, and the OpenAI-compatible
+routes of `server.openai_api`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -24,7 +24,7 @@ from engine.sequence import SamplingParams, Sequence
 
 from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import Metrics
-from .schemas import CompletionRequest, GenerateRequest, PerplexityRequest, SamplingFields
+from .schemas import GenerateRequest, PerplexityRequest, SamplingFields
 
 log = logging.getLogger("bitskip.server")
 
@@ -267,38 +267,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
 
         return server.event_stream(stream, token_event, lambda seq: generate_result(seq))
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        prompt, token_ids = _single_prompt(body.prompt)
-        params, k, confidence = server.sampling_params(body)
-        ids = server.prompt_ids(prompt, token_ids, "prompt")  # OpenAI's field, text or ids
-        stream = server.submit(ids, params, k, confidence)
-        created = int(time.time())
-        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-
-        def chunk(text: str, finish_reason: str | None, seq: Sequence | None = None) -> dict:
-            d = {"id": cid, "object": "text_completion", "created": created, "model": settings.model_name,
-                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}]}
-            if seq is not None:
-                d["usage"] = usage(seq)
-                d["exit_layers"] = seq.exit_layers
-            return d
-
-        if not body.stream:
-            seq = await server.run_to_completion(request, stream)
-            return chunk(seq.text, _openai_finish(seq.finish_reason), seq)
-
-        return server.event_stream(
-            stream, lambda out: chunk(out.text_delta, None) if out.text_delta else None,
-            lambda seq: chunk("", _openai_finish(seq.finish_reason), seq))
-
-    @app.get("/v1/models")
-    async def models():
-        c = server.config
-        return {"object": "list", "data": [{
-            "id": settings.model_name, "object": "model", "created": 0, "owned_by": "bitskip",
-            "max_model_len": c.max_position_embeddings, "num_layers": c.num_hidden_layers,
-            "exit_points": list(c.exit_points)}]}
+    from .openai_api import openai_router  # imported here: it builds on this module's Server
+    app.include_router(openai_router(server))
 
     # ---- scoring ---------------------------------------------------------------------------
     @app.post("/perplexity")
@@ -354,7 +324,7 @@ class AuthAndCount:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if self.known is None and "app" in scope:  # the routes, once: the label set stays bounded
-            self.known = {r.path for r in scope["app"].routes}
+            self.known = set(_route_paths(scope["app"].routes))
         endpoint = path if path in (self.known or ()) else "other"
         metrics, key = self.server.metrics, self.server.settings.api_key
         if key and path not in self.open_paths and not _key_matches(scope, key):
@@ -376,23 +346,16 @@ class AuthAndCount:
                 metrics.requests.labels(endpoint, str(status.get("code", 500))).inc()
 
 
+def _route_paths(routes):
+    for r in routes:
+        if hasattr(r, "path"):
+            yield r.path
+        if (included := getattr(r, "original_router", None)) is not None:  # FastAPI includes routers lazily
+            yield from _route_paths(included.routes)
+
+
 def _key_matches(scope, key: str) -> bool:
     headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
     auth = headers.get("authorization", "")
     given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
     return secrets.compare_digest(given.encode(), key.encode())
-
-
-def _single_prompt(prompt) -> tuple[str | None, list[int] | None]:
-    """OpenAI prompts may be batches; one prompt per request is served."""
-    if isinstance(prompt, str):
-        return prompt, None
-    if prompt and all(isinstance(t, int) for t in prompt):
-        return None, prompt
-    if len(prompt) == 1:
-        return _single_prompt(prompt[0])
-    raise APIError(422, f"prompt holds {len(prompt)} prompts: allowed is 1 per request", param="prompt")
-
-
-def _openai_finish(reason: str | None) -> str | None:
-    return "length" if reason == "length" else "stop" if reason in ("stop", "abort") else reason

@@ -45,20 +45,6 @@ class GenerateRequest(SamplingFields):
         return self
 
 
-class CompletionRequest(SamplingFields):
-    """OpenAI /v1/completions, with the BitSkip fields accepted as extra body fields."""
-
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
-
-    model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
-    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default
-    n: int = Field(1, ge=1, le=1)
-    echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=0)
-    user: str | None = None
-
-
 class PerplexityRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
