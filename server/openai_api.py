@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 
 from engine.sequence import Sequence
 
-from .app import APIError, Server, usage
+from .app import Server, usage
+from .errors import APIError
 from .openai_schemas import CompletionRequest
 
 
