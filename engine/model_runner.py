@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from models.functional import apply_rope, attention, causal_mask, rms_norm, rope_tables, swiglu
+from models.functional import apply_rope, attention, causal_mask, gated_activation, rms_norm, rope_tables
 
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
@@ -232,14 +232,19 @@ class ModelRunner:
         k = apply_rope(qkv[:, self.q_size:self.q_size + self.kv_size]
                        .view(t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = qkv[:, self.q_size + self.kv_size:].reshape(t, c.num_key_value_heads, c.head_dim)
-        h = h + w.o_proj(self._attend(layer, q, k, v, layout))
+        attn = self._attend(layer, q, k, v, layout)
+        if w.attn_sub_norm is not None:
+            attn = rms_norm(attn, w.attn_sub_norm, c.rms_norm_eps)
+        h = h + w.o_proj(attn)
         return h + self._mlp(w, rms_norm(h, w.post_attention_norm, c.rms_norm_eps))
 
-    @staticmethod
-    def _mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         gate_up = w.gate_up_proj(x)
         f = gate_up.shape[1] // 2
-        return w.down_proj(swiglu(gate_up[:, :f], gate_up[:, f:]))
+        y = gated_activation(gate_up[:, :f], gate_up[:, f:], self.config.hidden_act)
+        if w.ffn_sub_norm is not None:
+            y = rms_norm(y, w.ffn_sub_norm, self.config.rms_norm_eps)
+        return w.down_proj(y)
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 layout: _Layout) -> torch.Tensor:

@@ -21,6 +21,8 @@ class LayerWeights:
     o_proj: TernaryLinear
     gate_up_proj: TernaryLinear
     down_proj: TernaryLinear
+    attn_sub_norm: torch.Tensor | None = None   # architecture options (config.attn_sub_norm, ...)
+    ffn_sub_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -55,6 +57,8 @@ class ModelWeights:
                 o_proj=proj(f"{p}.self_attn.o_proj"),
                 gate_up_proj=proj(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
                 down_proj=proj(f"{p}.mlp.down_proj"),
+                attn_sub_norm=t[f"{p}.self_attn.attn_sub_norm.weight"].float() if config.attn_sub_norm else None,
+                ffn_sub_norm=t[f"{p}.mlp.ffn_sub_norm.weight"].float() if config.ffn_sub_norm else None,
             ))
         embed = t["model.embed_tokens.weight"].float()
         head = embed if config.tie_word_embeddings else t["lm_head.weight"].float()

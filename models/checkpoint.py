@@ -82,12 +82,13 @@ def projection_specs(prefix: str, shape: tuple[int, int], form: str) -> dict[str
 
 
 def base_specs(config: BitSkipConfig) -> dict[str, TensorSpec]:
-    """The non-projection tensors: embedding, norms and (untied) head."""
+    """The non-projection tensors: embedding, norms (with the sub-norms the config enables) and
+    (untied) head."""
     v, h = config.vocab_size, config.hidden_size
     specs = {"model.embed_tokens.weight": ((v, h), FLOAT_DTYPES)}
     for i in range(config.num_hidden_layers):
-        specs[f"model.layers.{i}.input_layernorm.weight"] = ((h,), FLOAT_DTYPES)
-        specs[f"model.layers.{i}.post_attention_layernorm.weight"] = ((h,), FLOAT_DTYPES)
+        for name, size in config.norm_shapes().items():
+            specs[f"model.layers.{i}.{name}.weight"] = ((size,), FLOAT_DTYPES)
     specs["model.norm.weight"] = ((h,), FLOAT_DTYPES)
     if not config.tie_word_embeddings:
         specs["lm_head.weight"] = ((v, h), FLOAT_DTYPES)

@@ -12,6 +12,11 @@ FORMAT_VERSION = 1
 # variant name -> (activation_bits, hadamard), DESIGN section 2.
 VARIANTS = {"v1": (8, False), "v2": (4, True), "v3": (8, True)}
 
+# Architecture options: the ways one decoder block may differ between model families. Each is a
+# config field with a default that keeps the BitSkip block; models.model, the engine's runner and
+# every backend read them from the config, so a family is a configuration, never a second model.
+HIDDEN_ACTS = ("silu", "relu2")  # gated MLP: act(gate) * up; relu2 = ReLU squared (BitNet b1.58)
+
 
 class ConfigError(ValueError):
     """A config that cannot describe a model; `problems` lists every reason."""
@@ -38,6 +43,9 @@ class BitSkipConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    attn_sub_norm: bool = False   # RMSNorm on the attention output, before o_proj
+    ffn_sub_norm: bool = False    # RMSNorm on act(gate) * up, before down_proj
     activation_bits: int = 8
     hadamard: bool = False
     exit_points: tuple[int, ...] = field(default=())
@@ -91,8 +99,18 @@ class BitSkipConfig:
             "mlp.down_proj": (h, self.in_features(f)),
         }
 
+    def norm_shapes(self) -> dict[str, int]:
+        """Size of each RMSNorm weight of one block, keyed by its name in the checkpoint."""
+        shapes = {"input_layernorm": self.hidden_size, "post_attention_layernorm": self.hidden_size}
+        if self.attn_sub_norm:
+            shapes["self_attn.attn_sub_norm"] = self.num_attention_heads * self.head_dim
+        if self.ffn_sub_norm:
+            shapes["mlp.ffn_sub_norm"] = self.intermediate_size
+        return shapes
+
     def num_parameters(self) -> int:
-        per_layer = sum(n * k for n, k in self.projection_shapes().values()) + 2 * self.hidden_size
+        per_layer = (sum(n * k for n, k in self.projection_shapes().values())
+                     + sum(self.norm_shapes().values()))
         embed = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else embed
         return embed + head + self.hidden_size + self.num_hidden_layers * per_layer
@@ -126,8 +144,11 @@ class BitSkipConfig:
             out.append("in-features times the activation range must stay under 2^24 for exact accumulation")
         if not isinstance(self.hadamard, bool):
             out.append(f"hadamard must be true or false, got {self.hadamard!r}")
-        if not isinstance(self.tie_word_embeddings, bool):
-            out.append(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        for name in ("tie_word_embeddings", "attn_sub_norm", "ffn_sub_norm"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            out.append(f"hidden_act must be one of {list(HIDDEN_ACTS)}, got {self.hidden_act!r}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             out.append(f"rope_theta must be positive, got {self.rope_theta!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):

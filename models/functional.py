@@ -20,9 +20,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((mean_sq + eps).double()).float() * weight
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) * up, evaluated in float64 so vectorized and scalar paths agree."""
-    return (F.silu(gate.double()) * up.double()).float()
+# The gated MLP's activations by config name (models.config.HIDDEN_ACTS), on float64 inputs.
+GATE_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu2": lambda x: F.relu(x).square(),  # ReLU squared (BitNet b1.58)
+}
+
+
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, hidden_act: str = "silu") -> torch.Tensor:
+    """act(gate) * up (silu: SwiGLU), evaluated in float64 so vectorized and scalar paths agree."""
+    return (GATE_ACTIVATIONS[hidden_act](gate.double()) * up.double()).float()
 
 
 def rope_tables(num_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

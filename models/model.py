@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BitSkipConfig
-from .functional import (apply_rope, attention, causal_attention_fast, causal_mask, rms_norm,
-                         rope_tables, swiglu)
+from .functional import (apply_rope, attention, causal_attention_fast, causal_mask, gated_activation,
+                         rms_norm, rope_tables)
 from .quant import activation_qmax, hadamard_transform, quantize_activations, ternarize
 
 
@@ -55,6 +55,8 @@ class Attention(nn.Module):
         self.k_proj = BitLinear(h, self.num_kv_heads * hd, config)
         self.v_proj = BitLinear(h, self.num_kv_heads * hd, config)
         self.o_proj = BitLinear(self.num_heads * hd, h, config)
+        # Optional sub-norm on the attention output (BitNet b1.58), before o_proj quantizes it.
+        self.attn_sub_norm = RMSNorm(self.num_heads * hd, config.rms_norm_eps) if config.attn_sub_norm else None
         self.exact = True  # float64 attention (golden numerics); training switches it off for speed
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -62,9 +64,10 @@ class Attention(nn.Module):
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        if self.exact:
-            return self.o_proj(attention(q, k, v, causal_mask(t, t)))
-        return self.o_proj(causal_attention_fast(q, k, v))
+        out = attention(q, k, v, causal_mask(t, t)) if self.exact else causal_attention_fast(q, k, v)
+        if self.attn_sub_norm is not None:
+            out = self.attn_sub_norm(out)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -74,9 +77,15 @@ class MLP(nn.Module):
         self.gate_proj = BitLinear(h, f, config)
         self.up_proj = BitLinear(h, f, config)
         self.down_proj = BitLinear(f, h, config)
+        self.hidden_act = config.hidden_act
+        # Optional sub-norm on act(gate) * up (BitNet b1.58), before down_proj quantizes it.
+        self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps) if config.ffn_sub_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        y = gated_activation(self.gate_proj(x), self.up_proj(x), self.hidden_act)
+        if self.ffn_sub_norm is not None:
+            y = self.ffn_sub_norm(y)
+        return self.down_proj(y)
 
 
 class Block(nn.Module):

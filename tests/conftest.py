@@ -31,7 +31,7 @@ def reference_model(variant: str = "v1", seed: int = 0, **overrides) -> BitSkipF
     # Larger norm weights than 1.0 spread activations so more codes are exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return model
 
@@ -47,11 +47,17 @@ def variant(request) -> str:
     return request.param
 
 
-@pytest.fixture
-def tiny(tmp_path, variant):
-    """(reference model, packed checkpoint of the same weights) for each variant."""
-    model = reference_model(variant)
-    return model, write_packed(model, tmp_path / f"tiny-{variant}")
+# Architecture options (models.config) beside the BitSkip block: the BitNet b1.58 block.
+BITNET_BLOCK = dict(hidden_act="relu2", attn_sub_norm=True, ffn_sub_norm=True, tie_word_embeddings=True)
+
+
+@pytest.fixture(params=["v1", "v2", "v3", "v1-bitnet-block"])
+def tiny(tmp_path, request):
+    """(reference model, packed checkpoint of the same weights) for each variant, and for the
+    BitNet block's architecture options."""
+    variant, _, arch = request.param.partition("-")
+    model = reference_model(variant, **(BITNET_BLOCK if arch else {}))
+    return model, write_packed(model, tmp_path / f"tiny-{request.param}")
 
 
 @pytest.fixture
