@@ -18,6 +18,10 @@ FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime AS base-gpu
 FROM python:3.11-slim-bookworm AS base-cpu
 ARG TORCH_VERSION=2.5.1
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# gcc builds the native CPU kernel (engine/kernels/native) below.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # hadolint ignore=DL3006
@@ -41,7 +45,10 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-
 # The bundled default model (models/default/, package data) is served when no model is named;
 # the build prints which checkpoint that resolves to.
 WORKDIR /
+# The native CPU kernel is compiled into the cache now (the GPU base has no compiler: its CPU path
+# then says so once and uses torch).
 RUN python -c "from models.default_model import resolve_model; print('default model:', resolve_model(None))" \
+    && python -m engine.kernels.native \
     && chmod -R a+rX /opt/bitskip
 
 RUN useradd --create-home --uid 10001 --user-group bitskip \

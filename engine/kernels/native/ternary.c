@@ -1,0 +1,200 @@
+/* Packed 2-bit ternary weights times int8 activations -> exact int32 (DESIGN section 2).
+ *
+ * Weights are read in the checkpoint's own packing (DESIGN section 3: element k of a row at byte
+ * k / 4, bits 2 (k % 4)), so loading copies nothing. One 32-byte load holds 128 in-features;
+ * plane j of it, (byte >> 2j) & 3, holds the codes of in-features 4b + j (b = 0..31). Rather than
+ * shuffle every weight, each call permutes the activations once into that order (in-feature
+ * 4b + j of a 128-group moves to 32j + b), so every plane lines up with 32 contiguous bytes.
+ *
+ * Codes are t + 1 in {0, 1, 2}: unsigned, so vpmaddubsw(code, a) multiplies them with the signed
+ * activations into int16 pairs, and sum(t * a) = sum(code * a) - sum(a). A pair is at most
+ * 2 * 2 * 128 = 512 in magnitude, a group's four planes at most 2048, so eight groups fit an int16
+ * lane before vpmaddwd widens them to int32. Everything is integer: the result is exact.
+ *
+ * Threads split the output rows (OpenMP; in a process that imported torch first this is torch's
+ * own libgomp, same soname, so both share one pool and never spin against each other). Built by
+ * engine/kernels/native_build.py. CPUs without AVX2 take the portable loop.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#endif
+
+#define GROUP 128        /* in-features per 32-byte load */
+#define GROUP_BYTES 32
+#define FLUSH_GROUPS 8   /* groups summed in int16 before widening to int32 */
+#define MR 4             /* activation rows per pass over a weight row */
+#define NC 16            /* output rows per task: their packed rows stay in L1 across passes */
+#define PARALLEL_MACS (1 << 18)  /* below this a call runs on one thread: waking others costs more */
+
+typedef struct {
+    const uint8_t *const *parts;  /* each part's packed rows, [part_rows[p], K / 4] */
+    const int64_t *part_rows;
+    int nparts;
+    int64_t row_bytes;            /* K / 4 */
+    int64_t groups;               /* ceil(K / 128) */
+    int64_t full_groups;          /* K / 128 */
+} Weights;
+
+typedef struct {
+    const int8_t *a;              /* permuted, zero-padded activations [M, groups * 128] */
+    const int32_t *sum;           /* sum of each activation row */
+    int64_t stride;
+} Acts;
+
+static const uint8_t *weight_row(const Weights *w, int64_t n) {
+    for (int p = 0; p < w->nparts; p++) {
+        if (n < w->part_rows[p]) return w->parts[p] + n * w->row_bytes;
+        n -= w->part_rows[p];
+    }
+    return NULL;
+}
+
+/* Group g of a row: in place, or (the partial last group) copied into a zeroed buffer. */
+static const uint8_t *group_bytes(const Weights *w, const uint8_t *row, int64_t g, uint8_t *tail) {
+    if (g < w->full_groups) return row + g * GROUP_BYTES;
+    memset(tail, 0, GROUP_BYTES);
+    memcpy(tail, row + g * GROUP_BYTES, (size_t)(w->row_bytes - g * GROUP_BYTES));
+    return tail;
+}
+
+/* The portable path: the same planes, one code at a time. */
+static void dot_rows_portable(const Weights *w, const uint8_t *row, const Acts *x, int64_t m0, int mr,
+                              int32_t *out, int64_t ldo, int64_t n) {
+    uint8_t tail[GROUP_BYTES];
+    for (int i = 0; i < mr; i++) {
+        const int8_t *a = x->a + (m0 + i) * x->stride;
+        int32_t acc = 0;
+        for (int64_t g = 0; g < w->groups; g++) {
+            const uint8_t *wb = group_bytes(w, row, g, tail);
+            const int8_t *ag = a + g * GROUP;
+            for (int b = 0; b < GROUP_BYTES; b++)
+                for (int j = 0; j < 4; j++)
+                    acc += ((wb[b] >> (2 * j)) & 3) * ag[32 * j + b];
+        }
+        out[(m0 + i) * ldo + n] = acc - x->sum[m0 + i];
+    }
+}
+
+#ifdef HAVE_X86
+__attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* One weight row against `mr` activation rows (mr is a constant at each call site, so the
+ * accumulators live in registers). */
+__attribute__((target("avx2"), always_inline)) static inline void
+dot_rows_avx2_n(const Weights *w, const uint8_t *row, const Acts *x, int64_t m0, const int mr,
+                int32_t *out, int64_t ldo, int64_t n) {
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc[MR], part[MR];
+    uint8_t tail[GROUP_BYTES];
+    for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t g0 = 0; g0 < w->groups; g0 += FLUSH_GROUPS) {
+        int64_t g1 = g0 + FLUSH_GROUPS < w->groups ? g0 + FLUSH_GROUPS : w->groups;
+        for (int i = 0; i < mr; i++) part[i] = _mm256_setzero_si256();
+        for (int64_t g = g0; g < g1; g++) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)group_bytes(w, row, g, tail));
+            __m256i p0 = _mm256_and_si256(wv, three);
+            __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
+            __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
+            __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
+            for (int i = 0; i < mr; i++) {
+                const int8_t *a = x->a + (m0 + i) * x->stride + g * GROUP;
+                __m256i s0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
+                __m256i s1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
+                __m256i s2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
+                __m256i s3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
+                part[i] = _mm256_add_epi16(part[i], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
+                                                                     _mm256_add_epi16(s2, s3)));
+            }
+        }
+        for (int i = 0; i < mr; i++) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+    }
+    for (int i = 0; i < mr; i++) out[(m0 + i) * ldo + n] = hsum_epi32(acc[i]) - x->sum[m0 + i];
+}
+
+__attribute__((target("avx2"))) static void
+dot_rows_avx2(const Weights *w, const uint8_t *row, const Acts *x, int64_t m0, int mr,
+              int32_t *out, int64_t ldo, int64_t n) {
+    switch (mr) {
+    case 4: dot_rows_avx2_n(w, row, x, m0, 4, out, ldo, n); break;
+    case 3: dot_rows_avx2_n(w, row, x, m0, 3, out, ldo, n); break;
+    case 2: dot_rows_avx2_n(w, row, x, m0, 2, out, ldo, n); break;
+    default: dot_rows_avx2_n(w, row, x, m0, 1, out, ldo, n); break;
+    }
+}
+#endif
+
+typedef void (*dot_rows_fn)(const Weights *, const uint8_t *, const Acts *, int64_t, int, int32_t *,
+                            int64_t, int64_t);
+
+static int force_portable = 0;
+
+static dot_rows_fn pick_kernel(void) {
+#ifdef HAVE_X86
+    if (!force_portable && __builtin_cpu_supports("avx2")) return dot_rows_avx2;
+#endif
+    return dot_rows_portable;
+}
+
+int bitskip_has_avx2(void) { return pick_kernel() != dot_rows_portable; }
+
+/* Tests run the portable loop on an AVX2 machine too. */
+void bitskip_force_portable(int on) { force_portable = on; }
+
+/* Permute a row's activations into plane order (zero-padding the last group) and sum them. */
+static int32_t permute_row(const int8_t *a, int64_t K, int8_t *dst, int64_t groups) {
+    int32_t sum = 0;
+    memset(dst, 0, (size_t)(groups * GROUP));
+    for (int64_t k = 0; k < K; k++) {
+        int64_t g = k / GROUP, r = k % GROUP;
+        dst[g * GROUP + 32 * (r % 4) + r / 4] = a[k];
+        sum += a[k];
+    }
+    return sum;
+}
+
+/* out[m, n] = sum_k a[m, k] * t[n, k] for the ternary t of the concatenated parts' rows.
+ * a: int8 [M, K] (row stride lda); out: int32 [M, N] (row stride ldo); K a multiple of 4.
+ * Returns 0, or -1 when memory for the permuted activations cannot be had. */
+int bitskip_ternary_gemm(const int8_t *a, int64_t M, int64_t K, int64_t lda,
+                         const uint8_t *const *parts, const int64_t *part_rows, int nparts,
+                         int32_t *out, int64_t ldo, int nthreads) {
+    Weights w = {parts, part_rows, nparts, K / 4, (K + GROUP - 1) / GROUP, K / GROUP};
+    int64_t N = 0;
+    for (int p = 0; p < nparts; p++) N += part_rows[p];
+    int64_t stride = w.groups * GROUP;
+    int8_t *ap = malloc((size_t)(M * stride) + 32);
+    int32_t *sum = malloc(sizeof(int32_t) * (size_t)(M > 0 ? M : 1));
+    if (!ap || !sum) {
+        free(ap);
+        free(sum);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++) sum[m] = permute_row(a + m * lda, K, ap + m * stride, w.groups);
+    Acts x = {ap, sum, stride};
+    dot_rows_fn dot = pick_kernel();
+    int64_t tasks = (N + NC - 1) / NC;
+    if ((double)M * (double)N * (double)K < PARALLEL_MACS) nthreads = 1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t t = 0; t < tasks; t++) {
+        int64_t n0 = t * NC, n1 = n0 + NC < N ? n0 + NC : N;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+            int mr = M - m0 < MR ? (int)(M - m0) : MR;
+            for (int64_t n = n0; n < n1; n++) dot(&w, weight_row(&w, n), &x, m0, mr, out, ldo, n);
+        }
+    }
+    free(ap);
+    free(sum);
+    return 0;
+}
