@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -69,7 +72,9 @@ def main() -> None:
         else:
             ckpt = load_checkpoint(args.model)
             name = args.model.name
-        engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=args.batch, num_threads=args.threads))
+        engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=args.batch, num_threads=args.threads,
+                                              device=args.device, backend=args.backend,
+                                              enforce_eager=args.enforce_eager))
         load_s = time.perf_counter() - t0
     del ckpt
     c = engine.model_config
@@ -100,6 +105,7 @@ def main() -> None:
         "tokens_per_s": {str(k): median[k] for k in layers},
         "all_runs": {str(k): v for k, v in rates.items()},
         "speedup_vs_full": {str(k): median[k] / median[L] for k in layers},
+        "device": engine.backend.describe(), "enforce_eager": args.enforce_eager,
         "peak_rss_mib": peak_mb, "load_s": load_s, "commit": git_commit(),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),

@@ -26,13 +26,14 @@ class SequenceKV:
 
 class KVCache:
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device)
         # Zero-filled so padded reads are finite (their attention weight is exactly 0).
-        self.k = torch.zeros(num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
+        self.k = torch.zeros(num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
         self.v = torch.zeros_like(self.k)
         self._free: deque[int] = deque(range(num_blocks))
-        self._arange = torch.arange(block_size)
+        self._arange = torch.arange(block_size, device=self.device)
 
     # ---- allocation ----------------------------------------------------------------------
     @property
@@ -67,14 +68,26 @@ class KVCache:
         seq.tables, seq.capacity = [], 0
 
     # ---- addressing ----------------------------------------------------------------------
-    def slots(self, tables: list[list[int]], num_positions: int) -> torch.Tensor:
-        """Flat slot indices [len(tables), num_positions] of positions 0..num_positions-1
-        (tables shorter than that are padded with block 0; callers mask those positions)."""
+    def block_tables(self, tables: list[list[int]], num_positions: int) -> torch.Tensor:
+        """The blocks holding positions 0..num_positions-1, long [len(tables), width] on the
+        cache's device (tables shorter than that are padded with block 0; callers mask those)."""
         width = -(-num_positions // self.block_size)
-        padded = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
-                              dtype=torch.long).view(len(tables), width)
-        flat = (padded[:, :, None] * self.block_size + self._arange).view(len(tables), -1)
+        return torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables],
+                            dtype=torch.long, device=self.device).view(len(tables), width)
+
+    def flat_slots(self, block_tables: torch.Tensor, num_positions: int) -> torch.Tensor:
+        """Slot indices [n, num_positions] of positions 0..num_positions-1 of block tables [n, W]."""
+        flat = (block_tables[:, :, None] * self.block_size + self._arange).view(block_tables.shape[0], -1)
         return flat[:, :num_positions]
+
+    def slots_at(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Slot of positions[i] in block table i: [n] from [n, W] and [n]."""
+        blocks = block_tables.gather(1, (positions // self.block_size)[:, None])[:, 0]
+        return blocks * self.block_size + positions % self.block_size
+
+    def slots(self, tables: list[list[int]], num_positions: int) -> torch.Tensor:
+        """Flat slot indices [len(tables), num_positions] of positions 0..num_positions-1."""
+        return self.flat_slots(self.block_tables(tables, num_positions), num_positions)
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k.index_copy_(0, slots, k)

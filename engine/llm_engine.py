@@ -10,6 +10,7 @@ import torch
 
 from models.checkpoint import Checkpoint
 
+from .backends import make_backend
 from .detokenizer import Detokenizer
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
@@ -22,7 +23,9 @@ from .weights import ModelWeights
 
 @dataclass(frozen=True)
 class EngineConfig:
-    backend: str = "cpu"
+    device: str = "cpu"                 # "auto" (CUDA when a GPU and Triton are there), "cpu", "cuda"
+    backend: str = "auto"               # kernels: "auto", "torch" (CPU), "triton" (engine/backends)
+    enforce_eager: bool = False         # GPU: no CUDA graphs for decode steps (vLLM's name)
     max_num_seqs: int = 32              # rows running at once
     max_num_batched_tokens: int = 512   # tokens one step may compute (decodes plus prefill chunks)
     block_size: int = 16
@@ -44,11 +47,7 @@ class StepOutput:
 
 class LLMEngine:
     def __init__(self, ckpt: Checkpoint, config: EngineConfig = EngineConfig()):
-        if config.backend != "cpu":
-            # The Triton projections exist (engine/kernels/cuda.py); the runner that keeps the
-            # whole model on the GPU does not yet, so refuse clearly rather than fail mid-step.
-            raise ValueError(f"backend {config.backend!r} is not available for whole-model serving yet; "
-                             "use 'cpu'")
+        self.backend = make_backend(config.device, config.backend)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
@@ -58,10 +57,11 @@ class LLMEngine:
         self.bos_id: int | None = gen.get("bos_token_id")
         eos = gen.get("eos_token_id")
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.weights = ModelWeights.from_checkpoint(ckpt, config.backend)
+        self.weights = ModelWeights.from_checkpoint(ckpt, self.backend)
         blocks_per_seq = -(-mc.max_position_embeddings // config.block_size) * mc.num_hidden_layers
         self.kv_cache = KVCache(config.num_kv_blocks or config.max_num_seqs * blocks_per_seq,
-                                config.block_size, mc.num_key_value_heads, mc.head_dim)
+                                config.block_size, mc.num_key_value_heads, mc.head_dim,
+                                device=self.backend.device)
         self.runner = ModelRunner(self.weights, self.kv_cache)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._detokenizers: dict[Sequence, Detokenizer] = {}

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from models.functional import apply_rope, attention, causal_mask, gated_activation, rms_norm, rope_tables
+from models.functional import apply_rope, gated_activation, rope_tables
 
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
@@ -111,11 +110,20 @@ class _Layout:
 
 
 class ModelRunner:
+    """One runner for every backend: `weights.backend` decides where tensors live and which
+    kernels run; the control flow here is the same on each."""
+
     def __init__(self, weights: ModelWeights, kv_cache: KVCache | None = None):
         self.weights = weights
+        self.backend = weights.backend
+        self.device = weights.backend.device
         self.config = c = weights.config
+        if kv_cache is not None and kv_cache.device != self.device:
+            raise ValueError(f"the KV cache is on {kv_cache.device}, the weights on {self.device}")
         self.kv_cache = kv_cache
-        self.rope_cos, self.rope_sin = rope_tables(c.max_position_embeddings, c.head_dim, c.rope_theta)
+        # Tabulated on the CPU (float64 cos/sin are not bit-identical across devices), then moved.
+        cos, sin = rope_tables(c.max_position_embeddings, c.head_dim, c.rope_theta, device="cpu")
+        self.rope_cos, self.rope_sin = cos.to(self.device), sin.to(self.device)
         self.q_size = c.num_attention_heads * c.head_dim
         self.kv_size = c.num_key_value_heads * c.head_dim
         self.blocks_run = [0] * (c.num_hidden_layers + 1)  # token-blocks computed per block
@@ -130,7 +138,8 @@ class ModelRunner:
             if r.start + len(r.tokens) > c.max_position_embeddings:
                 raise ValueError(f"positions up to {r.start + len(r.tokens)} exceed the context "
                                  f"{c.max_position_embeddings}")
-        embedded = self.weights.embed_tokens[torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long)]
+        ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=self.device)
+        embedded = self.weights.embed_tokens[ids]
         live, offset = [], 0
         for i, r in enumerate(rows):
             states = embedded[offset:offset + len(r.tokens)]
@@ -176,7 +185,7 @@ class ModelRunner:
         leaving = {lv.index for lv in live if layer == lv.row.depth}
         confident = set()
         if checks:
-            logits = self.head(h[torch.tensor([lv.b - 1 for lv in checks])])
+            logits = self.head(h[torch.tensor([lv.b - 1 for lv in checks], device=self.device)])
             for lv, row_logits in zip(checks, logits):
                 if lv.row.confidence.accepts(row_logits):
                     confident.add(lv.index)
@@ -216,63 +225,61 @@ class ModelRunner:
             lv.a, lv.b = offset, offset + len(lv.joins) - lv.first
             spans.append(_Span(lv.a, lv.b, lv.positions_start, lv.row.kv))
             offset = lv.b
-        positions = torch.cat([torch.arange(sp.start, sp.start + sp.b - sp.a) for sp in spans])
+        positions = torch.tensor([p for sp in spans for p in range(sp.start, sp.start + sp.b - sp.a)],
+                                 dtype=torch.long, device=self.device)
         decode = [sp for sp in spans if sp.kv is not None and sp.b - sp.a == 1]
         return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
-                       torch.tensor([sp.a for sp in decode], dtype=torch.long),
-                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long),
+                       torch.tensor([sp.a for sp in decode], dtype=torch.long, device=self.device),
+                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long, device=self.device),
                        sum(max(0, lv.num_pending - lv.first) for lv in live))
 
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer - 1]
         t = h.shape[0]
         cos, sin = layout.cos, layout.sin
-        qkv = w.qkv_proj(rms_norm(h, w.input_norm, c.rms_norm_eps))
+        qkv = self._project(w.qkv_proj, h, w.input_norm)
         q = apply_rope(qkv[:, :self.q_size].view(t, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(qkv[:, self.q_size:self.q_size + self.kv_size]
                        .view(t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = qkv[:, self.q_size + self.kv_size:].reshape(t, c.num_key_value_heads, c.head_dim)
         attn = self._attend(layer, q, k, v, layout)
-        if w.attn_sub_norm is not None:
-            attn = rms_norm(attn, w.attn_sub_norm, c.rms_norm_eps)
-        h = h + w.o_proj(attn)
-        return h + self._mlp(w, rms_norm(h, w.post_attention_norm, c.rms_norm_eps))
+        h = h + self._project(w.o_proj, attn, w.attn_sub_norm)
+        return h + self._mlp(w, h)
 
-    def _mlp(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        gate_up = w.gate_up_proj(x)
+    def _project(self, proj, x: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
+        """proj(x), or proj(rms_norm(x, norm)) when the architecture puts a norm before it."""
+        if norm is None:
+            return proj(x)
+        return self.backend.norm_project(proj, x, norm, self.config.rms_norm_eps)
+
+    def _mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        gate_up = self._project(w.gate_up_proj, h, w.post_attention_norm)
         f = gate_up.shape[1] // 2
         y = gated_activation(gate_up[:, :f], gate_up[:, f:], self.config.hidden_act)
-        if w.ffn_sub_norm is not None:
-            y = rms_norm(y, w.ffn_sub_norm, self.config.rms_norm_eps)
-        return w.down_proj(y)
+        return self._project(w.down_proj, y, w.ffn_sub_norm)
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 layout: _Layout) -> torch.Tensor:
         """Causal attention of each row's running tokens over its cached and running keys."""
-        out = torch.empty(q.shape[0], self.q_size)
-        cache = self.kv_cache
-        if layout.decode:  # single-token rows share one padded attention call
+        out = torch.empty(q.shape[0], self.q_size, device=self.device)
+        cache, be = self.kv_cache, self.backend
+        if layout.decode:  # single-token rows share one attention call
             lengths, idx = layout.decode_len, layout.decode_idx
-            slots = cache.slots([sp.kv.tables[layer - 1] for sp in layout.decode], int(lengths.max()))
-            cache.write(slots.gather(1, (lengths - 1)[:, None])[:, 0], k[idx], v[idx])
-            mask = (torch.arange(slots.shape[1])[None, :] < lengths[:, None])[:, None, :]
-            out[idx] = attention(q[idx][:, None], cache.k[slots], cache.v[slots], mask)[:, 0]
+            tables = cache.block_tables([sp.kv.tables[layer - 1] for sp in layout.decode],
+                                        max(sp.start + 1 for sp in layout.decode))
+            cache.write(cache.slots_at(tables, lengths - 1), k[idx], v[idx])
+            out[idx] = be.decode_attention(q[idx], cache, tables, lengths)
         for sp in layout.spans:
             a, b = sp.a, sp.b
-            if sp.kv is not None and b - a == 1:
-                continue
-            if sp.kv is not None:
-                slots = cache.slots([sp.kv.tables[layer - 1]], sp.start + b - a)[0]
-                cache.write(slots[sp.start:], k[a:b], v[a:b])
             if sp.kv is None:
-                keys, values, n_keys = k[a:b][None], v[a:b][None], b - a
-            else:
-                n_keys = sp.start + (b - a)
-                keys, values = cache.k[slots][None], cache.v[slots][None]
-            out[a:b] = attention(q[a:b][None], keys, values, causal_mask(b - a, n_keys))[0]
+                out[a:b] = be.causal_attention(q[a:b], k[a:b], v[a:b])
+            elif b - a > 1:
+                table = cache.block_tables([sp.kv.tables[layer - 1]], sp.start + b - a)[0]
+                cache.write(cache.flat_slots(table[None], sp.start + b - a)[0, sp.start:], k[a:b], v[a:b])
+                out[a:b] = be.prefill_attention(q[a:b], cache, table, sp.start)
         return out
 
     # ---- the shared head -----------------------------------------------------------------
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head(RMSNorm_final(h)): the one head every exit shares."""
-        return F.linear(rms_norm(h, self.weights.norm, self.config.rms_norm_eps), self.weights.lm_head)
+        return self.backend.head(h, self.weights.norm, self.weights.lm_head, self.config.rms_norm_eps)

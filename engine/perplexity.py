@@ -50,7 +50,7 @@ def perplexity(runner: ModelRunner, ids: list[int], exit_layers: list[int]) -> P
     for start, end, first_target in windows(len(ids), runner.config.max_position_embeddings):
         row = Row(ids[start:end], 0, layers[-1], None, {k: "all" for k in layers})
         logits = runner.forward([row])[0].logits
-        targets = torch.tensor(ids[first_target:end])
+        targets = torch.tensor(ids[first_target:end], device=runner.device)
         # logits at window position p predict ids[start + p + 1]
         first_pred = first_target - 1 - start
         for k in layers:

@@ -1,5 +1,5 @@
 """The engine's copy of a checkpoint: float embeddings, norms and head, and fused ternary
-projections (q/k/v as one, gate/up as one) on the chosen backend."""
+projections (q/k/v as one, gate/up as one), on the chosen backend's device."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from models.checkpoint import Checkpoint, pack_state
 from models.config import BitSkipConfig
 
-from .kernels import PackedWeight, TernaryLinear, ternary_linear
+from .backends import Backend, make_backend
+from .kernels import PackedWeight, TernaryLinear
 
 
 @dataclass
@@ -28,38 +29,44 @@ class LayerWeights:
 @dataclass
 class ModelWeights:
     config: BitSkipConfig
+    backend: Backend
     embed_tokens: torch.Tensor
     layers: list[LayerWeights]
     norm: torch.Tensor
     lm_head: torch.Tensor
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, backend: str = "cpu") -> "ModelWeights":
+    def from_checkpoint(cls, ckpt: Checkpoint, backend: Backend | None = None) -> "ModelWeights":
         return cls.from_tensors(ckpt.config, ckpt.tensors, backend)
 
     @classmethod
     def from_tensors(cls, config: BitSkipConfig, tensors: dict[str, torch.Tensor],
-                     backend: str = "cpu") -> "ModelWeights":
-        """Build from packed or latent tensors (latent ones are packed first)."""
+                     backend: Backend | None = None) -> "ModelWeights":
+        """Build from packed or latent tensors (latent ones are packed first); default backend:
+        torch on the CPU."""
         t = pack_state(tensors, config)
+        backend = backend or make_backend("cpu", "torch")
 
         def proj(*names: str) -> TernaryLinear:
             parts = [PackedWeight(t[f"{n}.qweight"], float(t[f"{n}.weight_scale"])) for n in names]
-            return ternary_linear(parts, config.activation_bits, config.hadamard, backend)
+            return backend.projection(parts, config.activation_bits, config.hadamard)
+
+        def dense(name: str) -> torch.Tensor:
+            return t[name].to(backend.device, torch.float32)
 
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}"
             layers.append(LayerWeights(
-                input_norm=t[f"{p}.input_layernorm.weight"].float(),
-                post_attention_norm=t[f"{p}.post_attention_layernorm.weight"].float(),
+                input_norm=dense(f"{p}.input_layernorm.weight"),
+                post_attention_norm=dense(f"{p}.post_attention_layernorm.weight"),
                 qkv_proj=proj(f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"),
                 o_proj=proj(f"{p}.self_attn.o_proj"),
                 gate_up_proj=proj(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
                 down_proj=proj(f"{p}.mlp.down_proj"),
-                attn_sub_norm=t[f"{p}.self_attn.attn_sub_norm.weight"].float() if config.attn_sub_norm else None,
-                ffn_sub_norm=t[f"{p}.mlp.ffn_sub_norm.weight"].float() if config.ffn_sub_norm else None,
+                attn_sub_norm=dense(f"{p}.self_attn.attn_sub_norm.weight") if config.attn_sub_norm else None,
+                ffn_sub_norm=dense(f"{p}.mlp.ffn_sub_norm.weight") if config.ffn_sub_norm else None,
             ))
-        embed = t["model.embed_tokens.weight"].float()
-        head = embed if config.tie_word_embeddings else t["lm_head.weight"].float()
-        return cls(config, embed, layers, t["model.norm.weight"].float(), head)
+        embed = dense("model.embed_tokens.weight")
+        head = embed if config.tie_word_embeddings else dense("lm_head.weight")
+        return cls(config, backend, embed, layers, dense("model.norm.weight"), head)

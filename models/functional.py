@@ -32,10 +32,11 @@ def gated_activation(gate: torch.Tensor, up: torch.Tensor, hidden_act: str = "si
     return (GATE_ACTIVATIONS[hidden_act](gate.double()) * up.double()).float()
 
 
-def rope_tables(num_positions: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(num_positions: int, head_dim: int, theta: float,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin [num_positions, head_dim] for the rotate-half layout (computed in float64)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = torch.arange(num_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().float(), angles.sin().float()
 
@@ -79,8 +80,8 @@ def causal_attention_fast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     return out.transpose(1, 2).reshape(b, t, h * d)
 
 
-def causal_mask(num_queries: int, num_keys: int) -> torch.Tensor:
+def causal_mask(num_queries: int, num_keys: int, device: torch.device | str | None = None) -> torch.Tensor:
     """[1, Tq, Tk] mask for queries that are the last Tq of Tk positions."""
     offset = num_keys - num_queries
-    q_pos = torch.arange(num_queries)[:, None] + offset
-    return (torch.arange(num_keys)[None, :] <= q_pos)[None]
+    q_pos = torch.arange(num_queries, device=device)[:, None] + offset
+    return (torch.arange(num_keys, device=device)[None, :] <= q_pos)[None]

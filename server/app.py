@@ -232,7 +232,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
     async def lifespan(app: FastAPI):
         server.loop.start()
         log.info("serving %s (%d layers) with %s", settings.model_name,
-                 server.config.num_hidden_layers, engine.config.backend)
+                 server.config.num_hidden_layers, engine.backend.describe())
         yield
         log.info("shutting down: draining running requests (up to %.0fs)", settings.drain_timeout)
         await server.loop.shutdown(settings.drain_timeout)

@@ -22,6 +22,18 @@ def _exit_layers(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layers like 6,12,18,24, got {text!r}")
 
 
+def _add_device_args(s: argparse.ArgumentParser, eager: bool = False) -> None:
+    """--device / --backend (engine/backends), and --enforce-eager where decode steps repeat."""
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default): the GPU when CUDA and Triton are there, else the CPU")
+    s.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernels: auto picks triton on cuda, torch on cpu; triton on cpu needs "
+                        "TRITON_INTERPRET=1 (slow, for checking the GPU code)")
+    if eager:
+        s.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs: launch every decode kernel eagerly (GPU only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitskip", description="Serve early-exit ternary (BitSkip) models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=None,
                    help="confidence policy: each token exits at the first exit point this sure")
     s.add_argument("--min-exit-layer", type=int, default=1)
+    _add_device_args(s, eager=True)
     s.add_argument("prompt")
 
     s = sub.add_parser("perplexity", help="perplexity of a text file at several exit layers")
@@ -55,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exit-layers", type=_exit_layers, default=None,
                    help="comma-separated, e.g. 6,12,18,24 (default: exit points and L)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_device_args(s)
     s.add_argument("file", type=Path)
 
     s = sub.add_parser("train", help="train a BitSkip model with the paper's recipe")
@@ -93,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
     s.add_argument("--log-level", default="info")
+    _add_device_args(s, eager=True)
     return p
 
 
@@ -112,7 +127,8 @@ def cmd_pack(args) -> None:
 
 def cmd_generate(args) -> None:
     from engine import EngineConfig, LLMEngine, SamplingParams
-    engine = LLMEngine(load_checkpoint(args.model), EngineConfig(max_num_seqs=1))
+    engine = LLMEngine(load_checkpoint(args.model), EngineConfig(
+        max_num_seqs=1, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     confidence = None
@@ -131,9 +147,11 @@ def cmd_generate(args) -> None:
 
 
 def cmd_perplexity(args) -> None:
+    from engine.backends import make_backend
     from engine.model_runner import ModelRunner
     from engine.perplexity import perplexity
     from engine.weights import ModelWeights
+    backend = make_backend(args.device, args.backend)
     ckpt = load_checkpoint(args.model)
     c = ckpt.config
     layers = args.exit_layers or sorted(set(c.exit_points) | {c.num_hidden_layers})
@@ -147,7 +165,7 @@ def cmd_perplexity(args) -> None:
     gen = ckpt.generation_config
     ids = ([gen["bos_token_id"]] if gen.get("bos_token_id") is not None else []) + \
         ckpt.tokenizer.encode(text, add_special_tokens=False).ids
-    result = perplexity(ModelRunner(ModelWeights.from_checkpoint(ckpt)), ids, layers)
+    result = perplexity(ModelRunner(ModelWeights.from_checkpoint(ckpt, backend)), ids, layers)
     if args.json:
         print(json.dumps({"tokens": result.tokens,
                           "perplexity": {str(k): v for k, v in result.perplexity.items()},
@@ -213,8 +231,8 @@ def cmd_serve(args) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
     engine = LLMEngine(load_checkpoint(path), EngineConfig(
         max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
-        num_threads=threads))
-    logging.getLogger("bitskip.server").info("engine uses %d torch threads", threads)
+        num_threads=threads, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager))
+    logging.getLogger("bitskip.server").info("engine on %s; %d torch threads", engine.backend.describe(), threads)
     settings = ServerSettings(model_name=path.name, api_key=args.api_key, max_queue=args.max_queue,
                               drain_timeout=args.drain_timeout)
     app = create_app(engine, settings)

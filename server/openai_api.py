@@ -49,7 +49,8 @@ def openai_router(server: Server) -> APIRouter:
         return {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": 0, "owned_by": "bitskip",
             "max_model_len": c.max_position_embeddings, "num_layers": c.num_hidden_layers,
-            "exit_points": list(c.exit_points)}]}
+            "exit_points": list(c.exit_points), "device": str(server.engine.backend.device),
+            "backend": server.engine.backend.name, "kernels": server.engine.backend.describe()}]}
 
     return router
 

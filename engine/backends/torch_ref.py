@@ -1,0 +1,50 @@
+"""The torch backend: the reference float operations of models.functional and exact int8
+projections through torch._int_mm, on the CPU."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.kernels import PackedWeight, TernaryLinear
+from engine.kernels.cpu import CpuTernaryLinear
+from engine.kv_cache import KVCache
+from models.functional import attention, causal_mask, rms_norm
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            raise ValueError(f"the torch backend runs on the CPU, not {self.device}; "
+                             "use the triton backend on a GPU")
+
+    def describe(self) -> str:
+        return "cpu (torch kernels: int8 torch._int_mm projections, float64 attention)"
+
+    def projection(self, parts: list[PackedWeight], activation_bits: int, hadamard: bool) -> TernaryLinear:
+        return CpuTernaryLinear(parts, activation_bits, hadamard)
+
+    def norm_project(self, proj, x, norm, eps):
+        return proj(rms_norm(x, norm, eps))
+
+    def head(self, h, norm, lm_head, eps):
+        return F.linear(rms_norm(h, norm, eps), lm_head)
+
+    def decode_attention(self, q, cache: KVCache, tables, lengths):
+        # One padded call for every row; positions past a row's length get weight exactly 0.
+        slots = cache.flat_slots(tables, int(lengths.max()))
+        mask = (torch.arange(slots.shape[1], device=self.device)[None, :] < lengths[:, None])[:, None, :]
+        return attention(q[:, None], cache.k[slots], cache.v[slots], mask)[:, 0]
+
+    def prefill_attention(self, q, cache: KVCache, table, start):
+        n_keys = start + q.shape[0]
+        slots = cache.flat_slots(table[None], n_keys)[0]
+        return attention(q[None], cache.k[slots][None], cache.v[slots][None],
+                         causal_mask(q.shape[0], n_keys, self.device))[0]
+
+    def causal_attention(self, q, k, v):
+        t = q.shape[0]
+        return attention(q[None], k[None], v[None], causal_mask(t, t, self.device))[0]
