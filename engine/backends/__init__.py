@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import os
 
-import torch
+from engine.kernels.base import cuda_usable
 
 from .base import Backend
 
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "torch", "triton")
-
-
-def cuda_usable() -> bool:
-    """A CUDA device is present and Triton imports."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def interpreting() -> bool:

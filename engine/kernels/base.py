@@ -31,7 +31,7 @@ class TernaryLinear(Protocol):
         ...
 
 
-def _cuda_usable() -> bool:
+def cuda_usable() -> bool:
     """A CUDA device is present and Triton imports (the kernels module itself is imported only
     when a CUDA projection is built, so Triton's interpreter switch is read then)."""
     if not torch.cuda.is_available():
@@ -44,13 +44,13 @@ def _cuda_usable() -> bool:
 
 
 def available_backends() -> list[str]:
-    return ["cpu", "cuda"] if _cuda_usable() else ["cpu"]
+    return ["cpu", "cuda"] if cuda_usable() else ["cpu"]
 
 
 def resolve_backend(backend: str = "auto") -> str:
     """"auto" -> "cuda" when a GPU and Triton are there, else "cpu"; a named backend is checked."""
     if backend == "auto":
-        return "cuda" if _cuda_usable() else "cpu"
+        return "cuda" if cuda_usable() else "cpu"
     if backend not in ("cpu", "cuda"):
         raise ValueError(f"unknown backend {backend!r}; available: {available_backends()}")
     return backend
