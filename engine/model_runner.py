@@ -18,11 +18,13 @@ from typing import Literal
 
 import torch
 
-from models.functional import apply_rope, gated_activation, rope_tables
+import torch.nn.functional as F
+
+from models.functional import activation, apply_rope, gated_activation, layer_norm, rope_tables
 
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
-from .weights import LayerWeights, ModelWeights
+from .weights import LayerWeights, ModelWeights, Norm
 
 HeadRequest = Literal["last", "all"]
 
@@ -140,6 +142,9 @@ class ModelRunner:
                                  f"{c.max_position_embeddings}")
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=self.device)
         embedded = self.weights.embed_tokens[ids]
+        if self.weights.embed_positions is not None:  # learned absolute positions, added
+            embedded = embedded + self.weights.embed_positions[torch.cat(
+                [torch.arange(r.start, r.start + len(r.tokens), device=self.device) for r in rows])]
         live, offset = [], 0
         for i, r in enumerate(rows):
             states = embedded[offset:offset + len(r.tokens)]
@@ -236,24 +241,35 @@ class ModelRunner:
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer - 1]
         t = h.shape[0]
-        cos, sin = layout.cos, layout.sin
-        qkv = self._project(w.qkv_proj, h, w.input_norm)
-        q = apply_rope(qkv[:, :self.q_size].view(t, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(qkv[:, self.q_size:self.q_size + self.kv_size]
-                       .view(t, c.num_key_value_heads, c.head_dim), cos, sin)
+        if not c.post_norm:
+            qkv = self._project(w.qkv_proj, h, w.input_norm)
+        else:  # the public BitSkip code's V1 feeds attention a parameter-free LayerNorm (eps 1e-5)
+            qkv = w.qkv_proj(layer_norm(h, None, None, 1e-5) if c.attn_input_norm else h)
+        q = qkv[:, :self.q_size].view(t, c.num_attention_heads, c.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, c.num_key_value_heads, c.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].reshape(t, c.num_key_value_heads, c.head_dim)
-        attn = self._attend(layer, q, k, v, layout)
-        h = h + self._project(w.o_proj, attn, w.attn_sub_norm)
-        return h + self._mlp(w, h)
+        if c.rope:
+            q, k = apply_rope(q, layout.cos, layout.sin), apply_rope(k, layout.cos, layout.sin)
+        attn = self._project(w.o_proj, self._attend(layer, q, k, v, layout), w.attn_sub_norm)
+        if c.post_norm:  # normalize after each residual add; the MLP reads the normalized state
+            h = w.post_attention_norm(h + attn)
+            return w.post_feedforward_norm(h + self._mlp(w, h, None))
+        h = h + attn
+        return h + self._mlp(w, h, w.post_attention_norm)
 
-    def _project(self, proj, x: torch.Tensor, norm: torch.Tensor | None) -> torch.Tensor:
-        """proj(x), or proj(rms_norm(x, norm)) when the architecture puts a norm before it."""
+    def _project(self, proj, x: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+        """proj(x), or proj(norm(x)) when the architecture puts a norm before it (an RMSNorm is
+        the backend's to fuse)."""
         if norm is None:
             return proj(x)
-        return self.backend.norm_project(proj, x, norm, self.config.rms_norm_eps)
+        if norm.bias is None:
+            return self.backend.norm_project(proj, x, norm.weight, norm.eps)
+        return proj(norm(x))
 
-    def _mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        gate_up = self._project(w.gate_up_proj, h, w.post_attention_norm)
+    def _mlp(self, w: LayerWeights, h: torch.Tensor, norm: Norm | None) -> torch.Tensor:
+        gate_up = self._project(w.gate_up_proj, h, norm)
+        if not self.config.mlp_gated:
+            return self._project(w.down_proj, activation(gate_up, self.config.hidden_act), w.ffn_sub_norm)
         f = gate_up.shape[1] // 2
         y = gated_activation(gate_up[:, :f], gate_up[:, f:], self.config.hidden_act)
         return self._project(w.down_proj, y, w.ffn_sub_norm)
@@ -271,7 +287,9 @@ class ModelRunner:
             out[idx] = be.decode_attention(q[idx], cache, tables, lengths)
         for sp in layout.spans:
             a, b = sp.a, sp.b
-            if sp.kv is None:
+            if sp.kv is None and not self.config.causal:  # every position sees every other
+                out[a:b] = be.full_attention(q[a:b], k[a:b], v[a:b])
+            elif sp.kv is None:
                 out[a:b] = be.causal_attention(q[a:b], k[a:b], v[a:b])
             elif b - a > 1:
                 table = cache.block_tables([sp.kv.tables[layer - 1]], sp.start + b - a)[0]
@@ -281,5 +299,8 @@ class ModelRunner:
 
     # ---- the shared head -----------------------------------------------------------------
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head(RMSNorm_final(h)): the one head every exit shares."""
-        return self.backend.head(h, self.weights.norm, self.weights.lm_head, self.config.rms_norm_eps)
+        """lm_head(norm_final(h)): the one head every exit shares."""
+        norm = self.weights.norm
+        if norm.bias is None:
+            return self.backend.head(h, norm.weight, self.weights.lm_head, norm.eps)
+        return F.linear(norm(h), self.weights.lm_head)

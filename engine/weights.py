@@ -1,5 +1,6 @@
 """The engine's copy of a checkpoint: float embeddings, norms and head, and fused ternary
-projections (q/k/v as one, gate/up as one), on the chosen backend's device."""
+projections (q/k/v as one, gate/up as one), on the chosen backend's device, wrapped in what the
+architecture adds around them (engine/projection.py)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,39 @@ import torch
 
 from models.checkpoint import Checkpoint, pack_state
 from models.config import BitSkipConfig
+from models.functional import layer_norm, rms_norm
 
 from .backends import Backend, make_backend
 from .kernels import PackedWeight, TernaryLinear
+from .projection import Projection, SandwichTernaryLinear
+
+
+@dataclass
+class Norm:
+    """An RMSNorm (`bias` None: the backend may fuse it into the projection after it) or a
+    LayerNorm with weight and bias (config.norm_type "layer")."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return rms_norm(x, self.weight, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 @dataclass
 class LayerWeights:
-    input_norm: torch.Tensor
-    post_attention_norm: torch.Tensor
+    input_norm: Norm | None             # pre-norm blocks
+    post_attention_norm: Norm
     qkv_proj: TernaryLinear
     o_proj: TernaryLinear
-    gate_up_proj: TernaryLinear
+    gate_up_proj: TernaryLinear         # gate and up side by side, or up alone (mlp_gated false)
     down_proj: TernaryLinear
-    attn_sub_norm: torch.Tensor | None = None   # architecture options (config.attn_sub_norm, ...)
-    ffn_sub_norm: torch.Tensor | None = None
+    attn_sub_norm: Norm | None = None   # architecture options (config.attn_sub_norm, ...)
+    ffn_sub_norm: Norm | None = None
+    post_feedforward_norm: Norm | None = None  # post-norm blocks
 
 
 @dataclass
@@ -32,8 +51,9 @@ class ModelWeights:
     backend: Backend
     embed_tokens: torch.Tensor
     layers: list[LayerWeights]
-    norm: torch.Tensor
+    norm: Norm
     lm_head: torch.Tensor
+    embed_positions: torch.Tensor | None = None  # learned absolute positions (config.learned_positions)
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, backend: Backend | None = None) -> "ModelWeights":
@@ -47,26 +67,48 @@ class ModelWeights:
         t = pack_state(tensors, config)
         backend = backend or make_backend("cpu", "torch")
 
-        def proj(*names: str) -> TernaryLinear:
-            parts = [PackedWeight(t[f"{n}.qweight"], float(t[f"{n}.weight_scale"])) for n in names]
-            return backend.projection(parts, config.activation_bits, config.hadamard)
-
         def dense(name: str) -> torch.Tensor:
             return t[name].to(backend.device, torch.float32)
+
+        def norm(prefix: str, kind: str = config.norm_type) -> Norm | None:
+            if f"{prefix}.weight" not in t:
+                return None
+            bias = dense(f"{prefix}.bias") if kind == "layer" else None
+            return Norm(dense(f"{prefix}.weight"), bias, config.rms_norm_eps)
+
+        def product(prefixes: list[str], bits: int) -> TernaryLinear:
+            parts = [PackedWeight(t[f"{n}.qweight"], float(t[f"{n}.weight_scale"])) for n in prefixes]
+            if config.hadamard and config.hadamard_transform == "sandwich":
+                sandwiches = [SandwichTernaryLinear(p, bits, backend.device) for p in parts]
+                return sandwiches[0] if len(parts) == 1 else Projection(sandwiches, None, 0.0, "none")
+            return backend.projection(parts, bits, config.hadamard)
+
+        def proj(layer: int, *names: str) -> TernaryLinear:
+            prefixes = [f"model.layers.{layer}.{n}" for n in names]
+            bits = config.projection_bits(names[0])
+            if not config.projection_norm:
+                core = product(prefixes, bits)
+                return core if config.projection_act == "none" else Projection([core], None, 0.0, config.projection_act)
+            # Each projection normalizes its own input, so q/k/v cannot share one quantization.
+            norms = [(dense(f"{n}.layer_norm.weight"), dense(f"{n}.layer_norm.bias")) for n in prefixes]
+            return Projection([product([n], bits) for n in prefixes], norms, config.rms_norm_eps,
+                              config.projection_act)
 
         layers = []
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}"
             layers.append(LayerWeights(
-                input_norm=dense(f"{p}.input_layernorm.weight"),
-                post_attention_norm=dense(f"{p}.post_attention_layernorm.weight"),
-                qkv_proj=proj(f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj"),
-                o_proj=proj(f"{p}.self_attn.o_proj"),
-                gate_up_proj=proj(f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"),
-                down_proj=proj(f"{p}.mlp.down_proj"),
-                attn_sub_norm=dense(f"{p}.self_attn.attn_sub_norm.weight") if config.attn_sub_norm else None,
-                ffn_sub_norm=dense(f"{p}.mlp.ffn_sub_norm.weight") if config.ffn_sub_norm else None,
+                input_norm=norm(f"{p}.input_layernorm"),
+                post_attention_norm=norm(f"{p}.post_attention_layernorm"),
+                qkv_proj=proj(i, "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                o_proj=proj(i, "self_attn.o_proj"),
+                gate_up_proj=proj(i, *(("mlp.gate_proj",) if config.mlp_gated else ()), "mlp.up_proj"),
+                down_proj=proj(i, "mlp.down_proj"),
+                attn_sub_norm=norm(f"{p}.self_attn.attn_sub_norm", "rms") if config.attn_sub_norm else None,
+                ffn_sub_norm=norm(f"{p}.mlp.ffn_sub_norm", "rms") if config.ffn_sub_norm else None,
+                post_feedforward_norm=norm(f"{p}.post_feedforward_layernorm"),
             ))
         embed = dense("model.embed_tokens.weight")
         head = embed if config.tie_word_embeddings else dense("lm_head.weight")
-        return cls(config, backend, embed, layers, dense("model.norm.weight"), head)
+        positions = dense("model.embed_positions.weight") if config.learned_positions else None
+        return cls(config, backend, embed, layers, norm("model.norm"), head, positions)

@@ -54,14 +54,14 @@ class Checkpoint:
     path: Path
     config: BitSkipConfig
     tensors: dict[str, torch.Tensor]
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None   # None: token ids only (generation_config token_ids_only)
     generation_config: dict = field(default_factory=dict)
 
     @property
     def form(self) -> str:
         """"packed", "latent" or "mixed", by how the projections are stored."""
         forms = {"packed" if f"{projection_prefix(i, name)}.qweight" in self.tensors else "latent"
-                 for i in range(self.config.num_hidden_layers) for name in PROJECTIONS}
+                 for i in range(self.config.num_hidden_layers) for name in self.config.projection_shapes()}
         return forms.pop() if len(forms) == 1 else "mixed"
 
 
@@ -85,11 +85,16 @@ def base_specs(config: BitSkipConfig) -> dict[str, TensorSpec]:
     """The non-projection tensors: embedding, norms (with the sub-norms the config enables) and
     (untied) head."""
     v, h = config.vocab_size, config.hidden_size
+    params = ("weight", "bias") if config.norm_type == "layer" else ("weight",)
     specs = {"model.embed_tokens.weight": ((v, h), FLOAT_DTYPES)}
+    if config.learned_positions:
+        specs["model.embed_positions.weight"] = ((config.max_position_embeddings, h), FLOAT_DTYPES)
     for i in range(config.num_hidden_layers):
         for name, size in config.norm_shapes().items():
-            specs[f"model.layers.{i}.{name}.weight"] = ((size,), FLOAT_DTYPES)
-    specs["model.norm.weight"] = ((h,), FLOAT_DTYPES)
+            for param in params:
+                specs[f"model.layers.{i}.{name}.{param}"] = ((size,), FLOAT_DTYPES)
+    for param in params:
+        specs[f"model.norm.{param}"] = ((h,), FLOAT_DTYPES)
     if not config.tie_word_embeddings:
         specs["lm_head.weight"] = ((v, h), FLOAT_DTYPES)
     return specs
@@ -307,11 +312,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     problems: list[str] = []
     config = _read_config(directory, problems)
     tensors = _read_tensors(directory, problems)
-    tokenizer = _read_tokenizer(directory, problems)
     generation = {}
     if (directory / GENERATION_FILE).exists():
         generation = _read_json(directory / GENERATION_FILE, problems) or {}
         problems += _generation_problems(generation, config.vocab_size if config else None)
+    # Imported checkpoints may come without a tokenizer: then they serve token ids only.
+    tokenizer = None
+    if not (generation.get("token_ids_only") is True and not (directory / TOKENIZER_FILE).exists()):
+        tokenizer = _read_tokenizer(directory, problems)
     if tensors is not None:
         if config is not None:
             problems += _config_hints(config, tensors) + _tensor_problems(config, tensors)
@@ -333,7 +341,7 @@ def _normalise(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(path: str | Path, config: BitSkipConfig, tensors: dict[str, torch.Tensor],
-                    tokenizer: Tokenizer, generation_config: dict | None = None) -> Path:
+                    tokenizer: Tokenizer | None, generation_config: dict | None = None) -> Path:
     """Write a checkpoint directory (created if needed) that `load_checkpoint` reads back.
 
     A tied lm_head is not written; generation_config.json is written only when given.
@@ -345,7 +353,8 @@ def save_checkpoint(path: str | Path, config: BitSkipConfig, tensors: dict[str, 
     out = {n: t.detach().contiguous().clone() for n, t in tensors.items()
            if not (config.tie_word_embeddings and n == "lm_head.weight")}
     save_file(out, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-    tokenizer.save(str(directory / TOKENIZER_FILE))
+    if tokenizer is not None:
+        tokenizer.save(str(directory / TOKENIZER_FILE))
     if generation_config is not None:
         (directory / GENERATION_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
     return directory

@@ -16,6 +16,9 @@ VARIANTS = {"v1": (8, False), "v2": (4, True), "v3": (8, True)}
 # config field with a default that keeps the BitSkip block; models.model, the engine's runner and
 # every backend read them from the config, so a family is a configuration, never a second model.
 HIDDEN_ACTS = ("silu", "relu2")  # gated MLP: act(gate) * up; relu2 = ReLU squared (BitNet b1.58)
+NORM_TYPES = ("rms", "layer")
+PROJECTION_ACTS = ("none", "relu2")
+HADAMARD_TRANSFORMS = ("rotate", "sandwich")
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,19 @@ class BitSkipConfig:
     ffn_sub_norm: bool = False    # RMSNorm on act(gate) * up, before down_proj
     activation_bits: int = 8
     hadamard: bool = False
+    # Architecture options of the "bitskip-ref" family (checkpoints of the public training code,
+    # CHECKPOINTS.md); the defaults keep the BitSkip block.
+    norm_type: str = "rms"                  # "layer": LayerNorm with weight and bias, everywhere
+    post_norm: bool = False                 # h = norm(h + attn(.)); h = norm(h + mlp(h))
+    attn_input_norm: bool = False           # post-norm: parameter-free LayerNorm on the attention input
+    projection_norm: bool = False           # affine LayerNorm on each projection's own input
+    projection_act: str = "none"            # applied to every projection's output
+    hadamard_transform: str = "rotate"      # "sandwich": unnormalized FWHT of codes and of output
+    attention_activation_bits: int | None = None  # q/k/v/o bits when they differ from activation_bits
+    mlp_gated: bool = True                  # False: down(act(up(x))), no gate_proj
+    rope: bool = True
+    learned_positions: bool = False         # embed_positions added to the token embedding
+    causal: bool = True
     exit_points: tuple[int, ...] = field(default=())
     format_version: int = FORMAT_VERSION
 
@@ -94,18 +110,31 @@ class BitSkipConfig:
             "self_attn.k_proj": (kv, self.in_features(h)),
             "self_attn.v_proj": (kv, self.in_features(h)),
             "self_attn.o_proj": (h, self.in_features(self.num_attention_heads * hd)),
-            "mlp.gate_proj": (f, self.in_features(h)),
+            **({"mlp.gate_proj": (f, self.in_features(h))} if self.mlp_gated else {}),
             "mlp.up_proj": (f, self.in_features(h)),
             "mlp.down_proj": (h, self.in_features(f)),
         }
 
+    def projection_bits(self, name: str) -> int:
+        """Activation bits of projection `name` (a key of projection_shapes)."""
+        if name.startswith("self_attn.") and self.attention_activation_bits is not None:
+            return self.attention_activation_bits
+        return self.activation_bits
+
     def norm_shapes(self) -> dict[str, int]:
-        """Size of each RMSNorm weight of one block, keyed by its name in the checkpoint."""
-        shapes = {"input_layernorm": self.hidden_size, "post_attention_layernorm": self.hidden_size}
+        """Size of each norm of one block, keyed by its name in the checkpoint (a LayerNorm
+        stores `.weight` and `.bias`, an RMSNorm `.weight`). A post-norm block normalizes after
+        each residual add; each projection may also normalize its own input."""
+        h = self.hidden_size
+        shapes = ({"post_attention_layernorm": h, "post_feedforward_layernorm": h} if self.post_norm
+                  else {"input_layernorm": h, "post_attention_layernorm": h})
         if self.attn_sub_norm:
             shapes["self_attn.attn_sub_norm"] = self.num_attention_heads * self.head_dim
         if self.ffn_sub_norm:
             shapes["mlp.ffn_sub_norm"] = self.intermediate_size
+        if self.projection_norm:
+            for name in self.projection_shapes():
+                shapes[f"{name}.layer_norm"] = self.intermediate_size if name == "mlp.down_proj" else h
         return shapes
 
     def num_parameters(self) -> int:
@@ -129,7 +158,7 @@ class BitSkipConfig:
         if self.hidden_size % self.num_attention_heads:
             out.append(f"hidden_size ({self.hidden_size}) must be divisible by "
                        f"num_attention_heads ({self.num_attention_heads})")
-        elif self.head_dim % 2:
+        elif self.rope and self.head_dim % 2:
             out.append(f"head_dim = hidden_size / num_attention_heads = {self.head_dim} must be even for RoPE")
         if self.num_attention_heads % self.num_key_value_heads:
             out.append(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -144,11 +173,20 @@ class BitSkipConfig:
             out.append("in-features times the activation range must stay under 2^24 for exact accumulation")
         if not isinstance(self.hadamard, bool):
             out.append(f"hadamard must be true or false, got {self.hadamard!r}")
-        for name in ("tie_word_embeddings", "attn_sub_norm", "ffn_sub_norm"):
+        for name in ("tie_word_embeddings", "attn_sub_norm", "ffn_sub_norm", "post_norm", "attn_input_norm",
+                     "projection_norm", "mlp_gated", "rope", "learned_positions", "causal"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.hidden_act not in HIDDEN_ACTS:
-            out.append(f"hidden_act must be one of {list(HIDDEN_ACTS)}, got {self.hidden_act!r}")
+        for name, allowed in (("hidden_act", HIDDEN_ACTS), ("norm_type", NORM_TYPES),
+                              ("projection_act", PROJECTION_ACTS), ("hadamard_transform", HADAMARD_TRANSFORMS)):
+            if getattr(self, name) not in allowed:
+                out.append(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.attention_activation_bits not in (None, 4, 8):
+            out.append(f"attention_activation_bits must be 4, 8 or null, got {self.attention_activation_bits!r}")
+        if self.hadamard and self.hadamard_transform == "sandwich":
+            sizes = (self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim)
+            if any(n & (n - 1) for n in sizes):
+                out.append(f"hadamard_transform 'sandwich' needs power-of-two projection sizes, got {sizes}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             out.append(f"rope_theta must be positive, got {self.rope_theta!r}")
         if not (isinstance(self.rms_norm_eps, (int, float)) and 0 < self.rms_norm_eps < 1):

@@ -20,16 +20,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((mean_sq + eps).double()).float() * weight
 
 
-# The gated MLP's activations by config name (models.config.HIDDEN_ACTS), on float64 inputs.
-GATE_ACTIVATIONS = {
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias (no affine when weight is None), in float64
+    rounded once to float32."""
+    xd = x.double()
+    centred = xd - xd.mean(dim=-1, keepdim=True)
+    y = centred / torch.sqrt(centred.square().mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.double() + bias.double()
+    return y.float()
+
+
+# Activations by config name (models.config.HIDDEN_ACTS, PROJECTION_ACTS), on float64 inputs.
+ACTIVATIONS = {
+    "none": lambda x: x,
     "silu": F.silu,
-    "relu2": lambda x: F.relu(x).square(),  # ReLU squared (BitNet b1.58)
+    "relu2": lambda x: F.relu(x).square(),  # ReLU squared (BitNet b1.58, the public BitSkip code)
 }
+
+
+def activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """ACTIVATIONS[name](x) in float64, rounded once to float32."""
+    return x if name == "none" else ACTIVATIONS[name](x.double()).float()
 
 
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, hidden_act: str = "silu") -> torch.Tensor:
     """act(gate) * up (silu: SwiGLU), evaluated in float64 so vectorized and scalar paths agree."""
-    return (GATE_ACTIVATIONS[hidden_act](gate.double()) * up.double()).float()
+    return (ACTIVATIONS[hidden_act](gate.double()) * up.double()).float()
 
 
 def rope_tables(num_positions: int, head_dim: int, theta: float,

@@ -58,8 +58,9 @@ def quantize_activations(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return round_clamp(x * (q_max / s), -q_max, q_max), s
 
 
-def hadamard_transform(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """x @ H_n / sqrt(n): the orthonormal Walsh-Hadamard transform in Sylvester order.
+def hadamard_transform(x: torch.Tensor, size: int | None = None, normalized: bool = True) -> torch.Tensor:
+    """x @ H_n / sqrt(n): the orthonormal Walsh-Hadamard transform in Sylvester order
+    (`normalized` False: x @ H_n, the +-1 transform of the public BitSkip code's first generation).
 
     The last dimension is zero-padded to `size` (default: the next power of two). A butterfly of
     elementwise adds keeps the result independent of the batch shape, which a matmul would not.
@@ -75,4 +76,4 @@ def hadamard_transform(x: torch.Tensor, size: int | None = None) -> torch.Tensor
         a, b = pairs[..., 0, :], pairs[..., 1, :]
         x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
         h *= 2
-    return x * (1.0 / math.sqrt(n))
+    return x * (1.0 / math.sqrt(n)) if normalized else x

@@ -52,3 +52,8 @@ class Backend(Protocol):
     def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention within one row's tokens, nothing cached (perplexity windows)."""
         ...
+
+    def full_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Every token of one row attends to every other, nothing cached: models without a
+        causal mask (first generation of the public BitSkip code), recomputed each step."""
+        ...
