@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 
 class Detokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
@@ -18,6 +18,8 @@ class Detokenizer:
 
     def update(self, output_ids: list[int]) -> tuple[str, bool]:
         """Full text of `output_ids` (cut before the first stop string) and whether one was hit."""
+        if self.tokenizer is None:  # token ids only: there is no text
+            return "", False
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
         hits = [at for s in self.stop if (at := text.find(s, max(0, self.released - len(s)))) >= 0]
         if hits:  # cut at the earliest stop string, whichever of them it is

@@ -3,12 +3,14 @@ the runner computes them (each row to its own exit layer), the sampler picks tok
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
 from models.checkpoint import Checkpoint
+from models.ref_import import NO_TOKENIZER_NOTE, NON_CAUSAL_WARNING
 
 from .backends import make_backend
 from .detokenizer import Detokenizer
@@ -19,6 +21,8 @@ from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
 from .weights import ModelWeights
+
+log = logging.getLogger("bitskip.engine")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,12 @@ class LLMEngine:
         eos = gen.get("eos_token_id")
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.weights = ModelWeights.from_checkpoint(ckpt, self.backend)
+        # Said with every response of the server, and here once at startup.
+        self.warnings: list[str] = [] if mc.causal else [NON_CAUSAL_WARNING]
+        if self.tokenizer is None:
+            self.warnings.append(NO_TOKENIZER_NOTE)
+        for warning in self.warnings:
+            log.warning("%s", warning)
         blocks_per_seq = -(-mc.max_position_embeddings // config.block_size) * mc.num_hidden_layers
         self.kv_cache = KVCache(config.num_kv_blocks or config.max_num_seqs * blocks_per_seq,
                                 config.block_size, mc.num_key_value_heads, mc.head_dim,
@@ -70,6 +80,9 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Tokenizer ids of `text`, with the BOS id prepended when the checkpoint defines one."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (it was imported without --tokenizer): "
+                             "send token_ids instead of text")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None else []) + ids
 
@@ -95,6 +108,8 @@ class LLMEngine:
             raise ValueError(f"exit_layer must be in 1..{mc.num_hidden_layers}, got {exit_layer!r}")
         if not prompt_ids:
             raise ValueError("the prompt must contain at least one token")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < mc.vocab_size]
         if bad:
             raise ValueError(f"token ids must be in 0..{mc.vocab_size - 1}, got {bad[:5]}")
@@ -143,11 +158,15 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
             rows.append(self._row(seq, n))
-        results = self.runner.forward(rows)
+        computed = [r for r in rows if r is not None]
+        results = iter(self.runner.forward(computed) if computed else [])
         outputs = []
-        for (seq, n), res in zip(batch, results):
+        for (seq, n), row in zip(batch, rows):
             seq.num_computed += n
-            if seq.confidence is not None:
+            if row is None:
+                continue
+            res = next(results)
+            if seq.confidence is not None and self.model_config.causal:
                 seq.pending = res.pending
             if res.logits:
                 try:
@@ -157,13 +176,18 @@ class LLMEngine:
                     outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
         return outputs
 
-    def _row(self, seq: Sequence, n: int) -> Row:
+    def _row(self, seq: Sequence, n: int) -> Row | None:
         """The runner's view of the sequence's next `n` tokens. Logits are wanted only when they
         complete the sequence; prompt chunks before that run to the shallowest depth a token
-        could leave at (their deeper KV is filled later if a token goes deeper)."""
-        tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
+        could leave at (their deeper KV is filled later if a token goes deeper).
+
+        A model without a causal mask has no KV cache to fill (a later token changes every
+        earlier position): once the tokens are complete, the whole sequence is recomputed."""
         completes = seq.num_computed + n == seq.num_tokens
         depth = seq.exit_layer
+        if not self.model_config.causal:
+            return Row(seq.all_ids, 0, depth, None, {depth: "last"}, seq.confidence) if completes else None
+        tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
         if seq.confidence is not None and not completes:
             depth = seq.confidence.first_exit(self.model_config.num_hidden_layers)
         return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
