@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from .bitskip_ref import RefCheckpoint, RefCheckpointError, RefConfig, load_ref_checkpoint
 from .checkpoint import (CONFIG_FILE, GENERATION_FILE, Checkpoint, CheckpointError, load_checkpoint,
                          save_checkpoint)
-from .config import BitSkipConfig
+from .config import BitSkipConfig, ConfigError
 from .packing import pack_ternary
 
 log = logging.getLogger("bitskip.import")
@@ -99,7 +99,10 @@ def import_ref_checkpoint(src: str | Path, tokenizer: str | Path | None = None,
                           generation: int = 1) -> Checkpoint:
     """A checkpoint of the public training code as a validated in-memory Checkpoint of ours."""
     ref = load_ref_checkpoint(src, generation)
-    config = native_config(ref.config)
+    try:
+        config = native_config(ref.config)
+    except ConfigError as e:  # sizes our packing cannot hold (e.g. not a multiple of 4)
+        raise RefCheckpointError(ref.path, [f"config.json: {p}" for p in e.problems]) from None
     tok = _tokenizer(tokenizer, config.vocab_size, ref.path)
     ckpt = Checkpoint(ref.path.parent, config, native_tensors(ref), tok,
                       {} if tok is not None else {"token_ids_only": True})

@@ -96,13 +96,23 @@ class Server:
             self.check_token_ids(token_ids, param)
             ids = list(token_ids)
         else:
-            ids = self.engine.encode(prompt)
+            ids = self.encode(prompt, param)
         ctx = self.config.max_position_embeddings
         if len(ids) >= ctx:
             raise self.reject("prompt_too_long", APIError(
                 413, f"{param} has {len(ids)} tokens: allowed at most {ctx - 1} (context {ctx})",
                 param=param))
         return ids
+
+    def encode(self, text: str, param: str) -> list[int]:
+        try:
+            return self.engine.encode(text)
+        except ValueError as e:  # a model served without a tokenizer
+            raise self.reject("validation", APIError(422, f"{param}: {e}", param=param)) from None
+
+    def with_warnings(self, body: dict) -> dict:
+        """`body` plus the model's warnings (no causal mask, no tokenizer), when it has any."""
+        return {**body, "warnings": self.engine.warnings} if self.engine.warnings else body
 
     def sampling_params(self, body: SamplingFields) -> tuple[SamplingParams, int | None, ConfidenceRule | None]:
         """(sampling, fixed exit layer, confidence rule) of a request body; 422 names a bad field."""
@@ -258,14 +268,14 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
         ids = server.prompt_ids(body.prompt, body.token_ids)
         stream = server.submit(ids, params, k, confidence)
         if not body.stream:
-            return generate_result(await server.run_to_completion(request, stream))
+            return server.with_warnings(generate_result(await server.run_to_completion(request, stream)))
 
         def token_event(out):
             if out.token_id is not None:
                 return {"token_id": out.token_id, "text": out.text_delta, "exit_layer": out.exit_layer}
             return {"text": out.text_delta} if out.text_delta else None
 
-        return server.event_stream(stream, token_event, lambda seq: generate_result(seq))
+        return server.event_stream(stream, token_event, lambda seq: server.with_warnings(generate_result(seq)))
 
     from .openai_api import openai_router  # imported here: it builds on this module's Server
     app.include_router(openai_router(server))
@@ -281,16 +291,16 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
             server.check_token_ids(body.token_ids)
             ids = body.token_ids
         else:
-            ids = engine.encode(body.text)
+            ids = server.encode(body.text, "text")
         if len(ids) < 2:
             raise server.reject("validation", APIError(
                 422, f"{'token_ids' if body.token_ids is not None else 'text'} has {len(ids)} token(s): "
                      "at least 2 are needed (the first is context only)",
                 param="token_ids" if body.token_ids is not None else "text"))
         result = await server.loop.run_job(lambda: perplexity(engine.runner, ids, layers))
-        return {"tokens": result.tokens,
-                "perplexity": {str(k): v for k, v in result.perplexity.items()},
-                "nll": {str(k): v for k, v in result.nll.items()}}
+        return server.with_warnings({"tokens": result.tokens,
+                                     "perplexity": {str(k): v for k, v in result.perplexity.items()},
+                                     "nll": {str(k): v for k, v in result.nll.items()}})
 
     # ---- operations ------------------------------------------------------------------------
     @app.get("/health")
@@ -338,6 +348,9 @@ class AuthAndCount:
         async def send_and_record(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.server.engine.warnings:  # said on every response, errors and streams too
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"warning", _warning_header(self.server.engine.warnings))]}
             await send(message)
         try:
             await self.app(scope, receive, send_and_record)
@@ -352,6 +365,12 @@ def _route_paths(routes):
             yield r.path
         if (included := getattr(r, "original_router", None)) is not None:  # FastAPI includes routers lazily
             yield from _route_paths(included.routes)
+
+
+def _warning_header(warnings: list[str]) -> bytes:
+    """An RFC 7234 Warning header value (299: a persistent warning)."""
+    text = "; ".join(warnings).replace('"', "'")
+    return f'299 bitskip "{text}"'.encode("latin-1", "replace")
 
 
 def _key_matches(scope, key: str) -> bool:

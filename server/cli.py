@@ -13,6 +13,7 @@ from pathlib import Path
 
 from models.checkpoint import CheckpointError, load_checkpoint, pack_checkpoint
 from models.config import PRESETS, VARIANTS, ConfigError, preset
+from models.ref_import import NON_CAUSAL_WARNING, RefCheckpointError, convert_ref_checkpoint, load_model
 
 
 def _exit_layers(text: str) -> list[int]:
@@ -34,6 +35,16 @@ def _add_device_args(s: argparse.ArgumentParser, eager: bool = False) -> None:
                        help="no CUDA graphs: launch every decode kernel eagerly (GPU only)")
 
 
+def _model_source(s: argparse.ArgumentParser) -> None:
+    """--tokenizer and --generation: for checkpoints of the public BitSkip training code."""
+    s.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer.json to use (checkpoints of the public BitSkip code ship none; "
+                        "without one, only token ids are served)")
+    s.add_argument("--generation", type=int, choices=(1, 2), default=1,
+                   help="public BitSkip code generation of a bitskip-ref checkpoint: 1 (no causal "
+                        "mask, the default) or 2 (causal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bitskip", description="Serve early-exit ternary (BitSkip) models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,8 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", type=Path)
     s.add_argument("dst", type=Path)
 
+    s = sub.add_parser("convert", help="convert a checkpoint of another format into ours")
+    s.add_argument("--from", dest="source_format", required=True, choices=["bitskip-ref"],
+                   help="bitskip-ref: model_full.pt, model.safetensors or a wrapper .pt of the public "
+                        "BitSkip training code")
+    _model_source(s)
+    s.add_argument("src", type=Path)
+    s.add_argument("dst", type=Path)
+
     s = sub.add_parser("generate", help="generate text at a fixed exit layer")
     s.add_argument("--model", required=True, type=Path)
+    _model_source(s)
     s.add_argument("--exit-layer", type=int, default=None, help="blocks 1..K run (default: all)")
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -65,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("perplexity", help="perplexity of a text file at several exit layers")
     s.add_argument("--model", required=True, type=Path)
+    _model_source(s)
     s.add_argument("--exit-layers", type=_exit_layers, default=None,
                    help="comma-separated, e.g. 6,12,18,24 (default: exit points and L)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -95,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a model over HTTP (default: the bundled model)")
     # An empty BITSKIP_MODEL (compose's ${BITSKIP_MODEL:-}) means unset, not the directory ".".
     s.add_argument("--model", type=Path, default=os.environ.get("BITSKIP_MODEL") or None,
-                   help="checkpoint directory (default: $BITSKIP_MODEL, else the bundled default model)")
+                   help="checkpoint directory, or a checkpoint of the public BitSkip training code "
+                        "(default: $BITSKIP_MODEL, else the bundled default model)")
+    _model_source(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=32, help="requests running at once")
@@ -125,9 +148,17 @@ def cmd_pack(args) -> None:
     print(f"packed {args.src} -> {args.dst} ({ckpt.form})")
 
 
+def cmd_convert(args) -> None:
+    ckpt = convert_ref_checkpoint(args.src, args.dst, args.tokenizer, args.generation)
+    c = ckpt.config
+    print(f"converted {args.src} -> {args.dst} ({c.num_hidden_layers} layers, "
+          f"{'causal' if c.causal else 'NO causal mask'}, "
+          f"{'tokenizer ' + str(args.tokenizer) if ckpt.tokenizer else 'no tokenizer: token ids only'})")
+
+
 def cmd_generate(args) -> None:
     from engine import EngineConfig, LLMEngine, SamplingParams
-    engine = LLMEngine(load_checkpoint(args.model), EngineConfig(
+    engine = LLMEngine(load_model(args.model, args.tokenizer, args.generation), EngineConfig(
         max_num_seqs=1, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
@@ -152,7 +183,9 @@ def cmd_perplexity(args) -> None:
     from engine.perplexity import perplexity
     from engine.weights import ModelWeights
     backend = make_backend(args.device, args.backend)
-    ckpt = load_checkpoint(args.model)
+    ckpt = load_model(args.model, args.tokenizer, args.generation)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: pass --tokenizer FILE (a tokenizer.json)")
     c = ckpt.config
     layers = args.exit_layers or sorted(set(c.exit_points) | {c.num_hidden_layers})
     bad = [k for k in layers if not 1 <= k <= c.num_hidden_layers]
@@ -166,6 +199,8 @@ def cmd_perplexity(args) -> None:
     ids = ([gen["bos_token_id"]] if gen.get("bos_token_id") is not None else []) + \
         ckpt.tokenizer.encode(text, add_special_tokens=False).ids
     result = perplexity(ModelRunner(ModelWeights.from_checkpoint(ckpt, backend)), ids, layers)
+    if not c.causal:
+        print(f"warning: {NON_CAUSAL_WARNING}", file=sys.stderr)
     if args.json:
         print(json.dumps({"tokens": result.tokens,
                           "perplexity": {str(k): v for k, v in result.perplexity.items()},
@@ -229,7 +264,7 @@ def cmd_serve(args) -> None:
     # Leave a core to the HTTP side: torch's threads spin while they wait, so an engine that
     # takes every core slows badly whenever the event loop runs.
     threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
-    engine = LLMEngine(load_checkpoint(path), EngineConfig(
+    engine = LLMEngine(load_model(path, args.tokenizer, args.generation), EngineConfig(
         max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
         num_threads=threads, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager))
     logging.getLogger("bitskip.server").info("engine on %s; %d torch threads", engine.backend.describe(), threads)
@@ -245,7 +280,7 @@ def cmd_serve(args) -> None:
                 timeout_graceful_shutdown=args.drain_timeout)
 
 
-COMMANDS = {"init": cmd_init, "pack": cmd_pack, "generate": cmd_generate, "perplexity": cmd_perplexity,
+COMMANDS = {"init": cmd_init, "pack": cmd_pack, "convert": cmd_convert, "generate": cmd_generate, "perplexity": cmd_perplexity,
             "train": cmd_train, "serve": cmd_serve}
 
 
@@ -253,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except CheckpointError as e:
+    except (CheckpointError, RefCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ConfigError, ValueError) as e:

@@ -33,6 +33,7 @@ def openai_router(server: Server) -> APIRouter:
             if seq is not None:
                 d["usage"] = usage(seq)
                 d["exit_layers"] = seq.exit_layers
+                d = server.with_warnings(d)
             return d
 
         if not body.stream:
@@ -50,7 +51,8 @@ def openai_router(server: Server) -> APIRouter:
             "id": settings.model_name, "object": "model", "created": 0, "owned_by": "bitskip",
             "max_model_len": c.max_position_embeddings, "num_layers": c.num_hidden_layers,
             "exit_points": list(c.exit_points), "device": str(server.engine.backend.device),
-            "backend": server.engine.backend.name, "kernels": server.engine.backend.describe()}]}
+            "backend": server.engine.backend.name, "kernels": server.engine.backend.describe(),
+            **server.with_warnings({})}]}
 
     return router
 
