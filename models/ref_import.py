@@ -59,8 +59,9 @@ def ternarize_ref(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, gamma.float().reshape(())
 
 
-def native_tensors(ckpt: RefCheckpoint) -> dict[str, torch.Tensor]:
-    """Our names; projections packed (2-bit codes and gamma), every other tensor float32."""
+def native_tensors(ckpt: RefCheckpoint, pack: bool = True) -> dict[str, torch.Tensor]:
+    """Our names; projections packed (2-bit codes and gamma; `pack` False: latent as stored),
+    every other tensor float32."""
     out = {}
     for name, t in ckpt.tensors.items():
         if name.startswith("layers."):
@@ -72,7 +73,7 @@ def native_tensors(ckpt: RefCheckpoint) -> dict[str, torch.Tensor]:
             name = f"model.norm.{name.rsplit('.', 1)[1]}"
         elif name != "lm_head.weight":
             name = f"model.{name}"
-        if name.endswith("_proj.weight"):
+        if name.endswith("_proj.weight") and pack:
             codes, gamma = ternarize_ref(t)
             prefix = name.removesuffix(".weight")
             out[f"{prefix}.qweight"] = pack_ternary(codes)

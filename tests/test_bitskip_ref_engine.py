@@ -11,7 +11,10 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.model_runner import ModelRunner, Row
 from engine.perplexity import perplexity
 from engine.weights import ModelWeights
-from models.ref_import import NON_CAUSAL_WARNING, convert_ref_checkpoint, import_ref_checkpoint
+from models.bitskip_ref import load_ref_checkpoint
+from models.checkpoint import latent_state
+from models.model import BitSkipForCausalLM
+from models.ref_import import NON_CAUSAL_WARNING, convert_ref_checkpoint, import_ref_checkpoint, native_tensors
 from tests.ref_fixtures import BASE_CONFIG, FORMS, KV_HEADS, random_state, stored, write_form
 from tests.ref_math import RefModel
 
@@ -112,3 +115,22 @@ def test_converted_directory_serves_the_same_logits(tmp_path, family):
     engine = LLMEngine(converted)
     with pytest.raises(ValueError, match="no tokenizer"):
         engine.encode("hello")
+
+
+@pytest.mark.parametrize("family,generation,config", [("bitlinear", 1, BASE_CONFIG), ("hadamard", 1, BASE_CONFIG),
+                                                      ("hadamard", 2, PADDED_CONFIG)])
+def test_reference_module_agrees_with_the_independent_math_and_the_engine(tmp_path, family, generation, config):
+    """models.model with the bitskip-ref options, holding the file's latent weights, gives the
+    independent evaluation's logits; the engine built from the module's weights gives its logits."""
+    ckpt, ref = case(tmp_path, family, "model_full.pt", generation, config)
+    model = BitSkipForCausalLM(ckpt.config).eval()
+    model.load_state_dict(native_tensors(load_ref_checkpoint(tmp_path, generation), pack=False))
+    tokens, layers = ids(14), list(range(1, LAYERS + 1))
+    with torch.no_grad():
+        got = model(torch.tensor([tokens]), layers)
+    want = ref.logits(tokens, layers)
+    runner = ModelRunner(ModelWeights.from_tensors(ckpt.config, latent_state(model)))
+    engine = runner.forward([Row(tokens, 0, LAYERS, None, {k: "all" for k in layers})])[0].logits
+    for k in layers:
+        assert_close(got[k][0], want[k], 1e-4)
+        assert torch.equal(engine[k], got[k][0])
