@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from models.functional import activation, apply_rope, gated_activation, layer_norm, rope_tables
 
 from .exit_policy import ConfidenceRule
+from .kernels.native.block import decode_blocks
 from .kv_cache import KVCache, SequenceKV
 from .weights import LayerWeights, ModelWeights, Norm
 
@@ -109,6 +110,10 @@ class _Layout:
     decode_idx: torch.Tensor
     decode_len: torch.Tensor
     pending_tokens: int       # running tokens that fill KV for earlier, early-exited tokens
+    # The lean decode step (every row one cached token, nothing pending, native blocks built):
+    # each row's position and, per layer, its cache blocks [layers, rows, width].
+    native_positions: torch.Tensor | None = None
+    native_tables: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -130,6 +135,10 @@ class ModelRunner:
         self.kv_size = c.num_key_value_heads * c.head_dim
         self.blocks_run = [0] * (c.num_hidden_layers + 1)  # token-blocks computed per block
         self.deferred_fills = 0                             # token-blocks computed for pending tokens
+        # One native call per block for decode steps; None (general path) without the native
+        # kernel or for architecture options it does not cover.
+        self.native_blocks = decode_blocks(c, weights.layers) \
+            if kv_cache is not None and kv_cache.k.dtype == torch.float32 else None
 
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> list[RowResult]:
@@ -233,12 +242,33 @@ class ModelRunner:
         positions = torch.tensor([p for sp in spans for p in range(sp.start, sp.start + sp.b - sp.a)],
                                  dtype=torch.long, device=self.device)
         decode = [sp for sp in spans if sp.kv is not None and sp.b - sp.a == 1]
-        return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
-                       torch.tensor([sp.a for sp in decode], dtype=torch.long, device=self.device),
-                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long, device=self.device),
-                       sum(max(0, lv.num_pending - lv.first) for lv in live))
+        layout = _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
+                         torch.tensor([sp.a for sp in decode], dtype=torch.long, device=self.device),
+                         torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long, device=self.device),
+                         sum(max(0, lv.num_pending - lv.first) for lv in live))
+        if self.native_blocks is not None and len(decode) == len(spans) and not layout.pending_tokens:
+            layout.native_positions = positions
+            layout.native_tables = self._all_block_tables(decode, max(lv.row.depth for lv in live))
+        return layout
+
+    def _all_block_tables(self, decode: list[_Span], depth: int) -> torch.Tensor:
+        """Every layer's cache blocks of each decode row, long [depth, rows, width], built once per
+        layout (a row that leaves earlier has no blocks past its depth: padded, never read)."""
+        width = -(-max(sp.start + 1 for sp in decode) // self.kv_cache.block_size)
+
+        def padded(tables: list[list[int]], layer: int) -> list[int]:
+            t = tables[layer][:width] if layer < len(tables) else []
+            return t + [0] * (width - len(t))
+
+        return torch.tensor([[padded(sp.kv.tables, layer) for sp in decode] for layer in range(depth)],
+                            dtype=torch.long)
 
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
+        if layout.native_tables is not None:
+            cache = self.kv_cache
+            return self.native_blocks[layer - 1](h.contiguous(), layout.native_positions,
+                                                 layout.native_tables[layer - 1], cache.block_size,
+                                                 cache.k, cache.v, self.rope_cos, self.rope_sin)
         c, w = self.config, self.weights.layers[layer - 1]
         t = h.shape[0]
         if not c.post_norm:

@@ -1,4 +1,5 @@
-"""The native CPU kernel (ternary.c): built with the system C compiler into a cache directory the
+"""The native CPU kernels (ternary.c: the packed projection; decode_block.c: a whole decoder block
+for cached single-token rows): built with the system C compiler into a cache directory the
 first time it is needed (or at install time: `python -m engine.kernels.native`), loaded with
 ctypes. It is compiled against raw buffers only (no torch headers), so building it never needs
 pip or a build environment.
@@ -23,7 +24,9 @@ import torch
 
 log = logging.getLogger("bitskip.kernels")
 
-SOURCE = Path(__file__).with_name("ternary.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "ternary.c", HERE / "decode_block.c"]
+HEADERS = [HERE / "ternary.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
 OPENMP = ["-fopenmp"]
@@ -39,12 +42,13 @@ def compiler() -> str | None:
 
 def built_path(directory: Path) -> Path:
     """Where the build of this source and these flags lives: a changed source gets a fresh build."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+                         + " ".join(FLAGS).encode()).hexdigest()[:16]
     return directory / f"ternary-{key}.so"
 
 
 def build(cc: str | None, directory: Path) -> Path:
-    """Compile ternary.c (with OpenMP if the compiler has it) into `directory`, unless built."""
+    """Compile the sources (with OpenMP if the compiler has it) into `directory`, unless built."""
     target = built_path(directory)
     if target.exists():
         return target
@@ -56,13 +60,14 @@ def build(cc: str | None, directory: Path) -> Path:
         # Written under a temporary name, then renamed: concurrent builders never see half a file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"],
+                           capture_output=True, text=True)
         if r.returncode == 0:
             os.replace(tmp, target)
             return target
         os.unlink(tmp)
         errors += r.stderr
-    raise RuntimeError(f"{cc} could not build {SOURCE.name}:\n{errors}")
+    raise RuntimeError(f"{cc} could not build the native kernels:\n{errors}")
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -71,6 +76,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_ternary_gemm.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, p, i64, ctypes.c_int]
     lib.bitskip_ternary_gemm.restype = ctypes.c_int
     lib.bitskip_has_avx2.restype = ctypes.c_int
+    lib.bitskip_decode_block.argtypes = [p, p, i64, p, p, i64, i64, p, p, p, p, ctypes.c_int]
+    lib.bitskip_decode_block.restype = ctypes.c_int
     return lib
 
 
