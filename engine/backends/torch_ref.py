@@ -1,12 +1,12 @@
-"""The torch backend: the reference float operations of models.functional and exact int8
-projections through torch._int_mm, on the CPU."""
+"""The torch backend: the reference float operations of models.functional and exact ternary
+projections (the native packed kernel, or torch._int_mm without a compiler), on the CPU."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from engine.kernels import PackedWeight, TernaryLinear
+from engine.kernels import PackedWeight, TernaryLinear, native
 from engine.kernels.cpu import CpuTernaryLinear
 from engine.kv_cache import KVCache
 from models.functional import attention, causal_mask, rms_norm
@@ -22,7 +22,9 @@ class TorchBackend:
                              "use the triton backend on a GPU")
 
     def describe(self) -> str:
-        return "cpu (torch kernels: int8 torch._int_mm projections, float64 attention)"
+        kernel = ("native packed 2-bit projections and decode blocks" if native.library() is not None
+                  else "int8 torch._int_mm projections")
+        return f"cpu (torch kernels: {kernel}, float64 attention)"
 
     def projection(self, parts: list[PackedWeight], activation_bits: int, hadamard: bool) -> TernaryLinear:
         return CpuTernaryLinear(parts, activation_bits, hadamard)

@@ -24,11 +24,13 @@ typedef struct {
     int64_t in_features;          /* the weight's width (Hadamard: the padded power of two) */
     int64_t out_features;
     const float *gamma;           /* per output feature */
+    int64_t qmax;                 /* activation codes in -qmax..qmax */
+    int64_t hadamard;             /* rotate the activations first */
 } Proj;
 
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter;
-    int64_t qmax, hadamard, relu2;
+    int64_t relu2;                /* the gate's activation: 1 ReLU squared, 0 SiLU */
     double eps;                   /* rms_norm_eps */
     const float *input_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm;  /* sub-norms may be NULL */
     Proj qkv, o, gate_up, down;
@@ -74,28 +76,27 @@ static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *q) {
 }
 
 /* One projection of n rows x [n, k] (already normed): y = acc * (s / Q) * gamma. */
-static int project(const Block *b, const Proj *p, const float *x, int64_t n, int64_t k, float *y,
-                   int nthreads) {
+static int project(const Proj *p, const float *x, int64_t n, int64_t k, float *y, int nthreads) {
     int64_t kin = p->in_features, nout = p->out_features;
     int8_t *codes = malloc((size_t)(n * kin));
     int32_t *acc = malloc(sizeof(int32_t) * (size_t)(n * nout));
-    float *rot = b->hadamard ? malloc(sizeof(float) * (size_t)kin) : NULL;
+    float *rot = p->hadamard ? malloc(sizeof(float) * (size_t)kin) : NULL;
     float *scales = malloc(sizeof(float) * (size_t)n);
     int rc = -1;
-    if (!codes || !acc || !scales || (b->hadamard && !rot)) goto done;
+    if (!codes || !acc || !scales || (p->hadamard && !rot)) goto done;
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * k;
-        if (b->hadamard) {
+        if (p->hadamard) {
             hadamard(xr, k, kin, rot);
             xr = rot;
         }
-        scales[r] = quantize(xr, kin, b->qmax, codes + r * kin);
+        scales[r] = quantize(xr, kin, p->qmax, codes + r * kin);
     }
     rc = bitskip_ternary_gemm(codes, n, kin, kin, p->parts, p->part_rows, (int)p->nparts, acc, nout,
                               nthreads);
     if (rc) goto done;
     for (int64_t r = 0; r < n; r++) {
-        float f = scales[r] / (float)b->qmax;
+        float f = scales[r] / (float)p->qmax;
         for (int64_t j = 0; j < nout; j++) y[r * nout + j] = (float)acc[r * nout + j] * f * p->gamma[j];
     }
 done:
@@ -172,7 +173,7 @@ int bitskip_decode_block(const Block *b, float *h, int64_t n, const int64_t *pos
     if (!x || !y || !attn || !slots || !scores) goto done;
 
     for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->input_norm, H, b->eps, x + r * H);
-    if ((rc = project(b, &b->qkv, x, n, H, y, nthreads))) goto done;
+    if ((rc = project(&b->qkv, x, n, H, y, nthreads))) goto done;
     int64_t nq = b->qkv.out_features;
     for (int64_t r = 0; r < n; r++) {
         float *q = y + r * nq, *k = q + qs, *v = k + kvs;
@@ -186,11 +187,11 @@ int bitskip_decode_block(const Block *b, float *h, int64_t n, const int64_t *pos
         attend(b, q, slots, len, cache_k, cache_v, scores, attn + r * qs);
         if (b->attn_sub_norm) rms_norm(attn + r * qs, b->attn_sub_norm, qs, b->eps, attn + r * qs);
     }
-    if ((rc = project(b, &b->o, attn, n, qs, y, nthreads))) goto done;
+    if ((rc = project(&b->o, attn, n, qs, y, nthreads))) goto done;
     for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
 
     for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->post_norm, H, b->eps, x + r * H);
-    if ((rc = project(b, &b->gate_up, x, n, H, y, nthreads))) goto done;
+    if ((rc = project(&b->gate_up, x, n, H, y, nthreads))) goto done;
     for (int64_t r = 0; r < n; r++) {
         const float *g = y + r * 2 * F, *u = g + F;
         float *a = attn + r * F;
@@ -201,7 +202,7 @@ int bitskip_decode_block(const Block *b, float *h, int64_t n, const int64_t *pos
         }
         if (b->ffn_sub_norm) rms_norm(a, b->ffn_sub_norm, F, b->eps, a);
     }
-    if ((rc = project(b, &b->down, attn, n, F, y, nthreads))) goto done;
+    if ((rc = project(&b->down, attn, n, F, y, nthreads))) goto done;
     for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
     rc = 0;
 done:
