@@ -69,9 +69,10 @@ class LLMEngine:
         for warning in self.warnings:
             log.warning("%s", warning)
         blocks_per_seq = -(-mc.max_position_embeddings // config.block_size) * mc.num_hidden_layers
+        # A model without a causal mask recomputes every sequence each step: it has no KV cache.
         self.kv_cache = KVCache(config.num_kv_blocks or config.max_num_seqs * blocks_per_seq,
                                 config.block_size, mc.num_key_value_heads, mc.head_dim,
-                                device=self.backend.device)
+                                device=self.backend.device) if mc.causal else None
         self.runner = ModelRunner(self.weights, self.kv_cache)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._detokenizers: dict[Sequence, Detokenizer] = {}
@@ -116,10 +117,11 @@ class LLMEngine:
         if len(prompt_ids) >= mc.max_position_embeddings:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds "
                              f"{mc.max_position_embeddings} including at least one generated token")
-        need = self.kv_cache.blocks_needed(SequenceKV(), exit_layer,
-                                           min(len(prompt_ids) + params.max_tokens, mc.max_position_embeddings))
-        if need > self.kv_cache.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
+        if self.kv_cache is not None:  # a model without a causal mask keeps no KV
+            need = self.kv_cache.blocks_needed(SequenceKV(), exit_layer, min(
+                len(prompt_ids) + params.max_tokens, mc.max_position_embeddings))
+            if need > self.kv_cache.num_blocks:
+                raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
         return Sequence(list(prompt_ids), params, exit_layer, confidence)
 
     def add_sequence(self, seq: Sequence) -> None:

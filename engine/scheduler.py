@@ -10,7 +10,8 @@ from .sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv_cache: KVCache | None, max_num_seqs: int, max_num_batched_tokens: int):
+        """`kv_cache` None: the model keeps no KV (no causal mask), so nothing is reserved."""
         self.kv_cache = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -61,15 +62,19 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.kv_cache.release(seq.kv)
+        self._release(seq)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
-        return self.kv_cache.reserve(seq.kv, seq.exit_layer, seq.num_computed + n)
+        return self.kv_cache is None or self.kv_cache.reserve(seq.kv, seq.exit_layer, seq.num_computed + n)
+
+    def _release(self, seq: Sequence) -> None:
+        if self.kv_cache is not None:
+            self.kv_cache.release(seq.kv)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a sequence's KV and queue it first again; it is recomputed from its tokens."""
         self.running.remove(seq)
-        self.kv_cache.release(seq.kv)
+        self._release(seq)
         seq.num_computed = 0
         seq.pending = None
         seq.status = Status.WAITING

@@ -50,7 +50,7 @@ class Server:
         m = self.metrics
         m.requests_running.set_function(lambda: self.loop.num_running)
         m.requests_waiting.set_function(lambda: self.loop.num_waiting)
-        m.kv_cache_usage.set_function(engine.kv_cache.usage)
+        m.kv_cache_usage.set_function(engine.kv_cache.usage if engine.kv_cache else lambda: 0.0)
         self._preemptions_seen = 0
         self._fills_seen = 0
 

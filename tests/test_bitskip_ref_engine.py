@@ -89,7 +89,7 @@ def test_non_causal_generation_recomputes_the_sequence(tmp_path, family):
     for seq, prompt, k in zip(seqs, prompts, depths):
         assert seq.output_ids == ref.greedy(prompt, 5, k)
         assert seq.exit_layers == [k] * 5
-    assert engine.kv_cache.k.abs().sum() == 0  # nothing was ever cached
+    assert engine.kv_cache is None  # nothing to cache: a later token changes every position
 
 
 @pytest.mark.parametrize("family", ["bitlinear", "hadamard"])

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from engine.llm_engine import EngineConfig, LLMEngine
-from models.ref_import import NO_TOKENIZER_NOTE, NON_CAUSAL_WARNING, import_ref_checkpoint
+from models.ref_import import NO_TOKENIZER_NOTE, NON_CAUSAL_WARNING, import_ref_checkpoint, load_model
 from models.tokenizer import byte_level_tokenizer
 from server.app import create_app
 from server.cli import main
@@ -80,6 +80,19 @@ def test_http_api_says_the_model_sees_the_future_and_serves_token_ids_only(v1):
     # Every response carries the warning as a header too, errors included.
     for r in (models, gen, text, score, stream):
         assert "no causal mask" in r.headers["warning"]
+
+
+@pytest.mark.parametrize("family", ["bitlinear", "hadamard"])
+def test_every_form_serves_text_with_a_user_tokenizer(tmp_path, family, tokenizer_file):
+    sd = random_state(CONFIG, family, seed=5)
+    ids = byte_level_tokenizer().encode(TEXT, add_special_tokens=False).ids
+    for form in FORMS:
+        src = write_form(tmp_path / form, form, sd, CONFIG)
+        app = create_app(LLMEngine(load_model(src, tokenizer_file), EngineConfig()))
+        (r,) = asyncio.run(_api(app, [("POST", "/generate?exit_layer=2", {"prompt": TEXT, "max_tokens": 4})]))
+        assert r.status_code == 200, r.text
+        assert r.json()["token_ids"] == ref_model(sd, family, form).greedy(ids, 4, 2), form
+        assert r.json()["warnings"] == [NON_CAUSAL_WARNING]
 
 
 @pytest.mark.parametrize("family", ["bitlinear", "hadamard"])
