@@ -16,12 +16,15 @@ class Detokenizer:
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.released = 0  # characters of the text already handed out
 
-    def update(self, output_ids: list[int]) -> tuple[str, bool]:
-        """Full text of `output_ids` (cut before the first stop string) and whether one was hit."""
+    def update(self, output_ids: list[int], check_stop: bool = True) -> tuple[str, bool]:
+        """Full text of `output_ids` (cut before the first stop string, when `check_stop`) and
+        whether one was hit."""
         if self.tokenizer is None:  # token ids only: there is no text
             return "", False
         text = self.tokenizer.decode(output_ids, skip_special_tokens=True)
-        hits = [at for s in self.stop if (at := text.find(s, max(0, self.released - len(s)))) >= 0]
+        if not check_stop:
+            return text, False
+        hits = [at for s in self.stop if (at := text.find(s, max(0, self.released - len(s) + 1))) >= 0]
         if hits:  # cut at the earliest stop string, whichever of them it is
             return text[:min(hits)], True
         return text, False

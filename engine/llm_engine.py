@@ -16,8 +16,9 @@ from .backends import make_backend
 from .detokenizer import Detokenizer
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
+from .logprobs import logprobs_of, record_prompt_logprobs
 from .model_runner import ModelRunner, Row
-from .sampler import sample
+from .sampler import adjust_logits, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
 from .weights import ModelWeights
@@ -79,13 +80,14 @@ class LLMEngine:
         self.last_batch: list[Sequence] = []  # the sequences of the latest step
 
     # ---- requests --------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Tokenizer ids of `text`, with the BOS id prepended when the checkpoint defines one."""
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Tokenizer ids of `text`, with the BOS id prepended when the checkpoint defines one
+        (and `add_bos`)."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer (it was imported without --tokenizer): "
                              "send token_ids instead of text")
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if self.bos_id is not None else []) + ids
+        return ([self.bos_id] if self.bos_id is not None and add_bos else []) + ids
 
     def confidence_rule(self, threshold: float, min_exit_layer: int = 1,
                         measure: str = "probability") -> ConfidenceRule:
@@ -114,6 +116,11 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < mc.vocab_size]
         if bad:
             raise ValueError(f"token ids must be in 0..{mc.vocab_size - 1}, got {bad[:5]}")
+        bad = [t for t in (*params.stop_token_ids, *(t for t, _ in params.logit_bias))
+               if not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids and logit_bias token ids must be in 0..{mc.vocab_size - 1}, "
+                             f"got {bad[:5]}")
         if len(prompt_ids) >= mc.max_position_embeddings:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds "
                              f"{mc.max_position_embeddings} including at least one generated token")
@@ -170,7 +177,10 @@ class LLMEngine:
             res = next(results)
             if seq.confidence is not None and self.model_config.causal:
                 seq.pending = res.pending
-            if res.logits:
+            if seq.wants_prompt_logprobs:
+                record_prompt_logprobs(seq.prompt_logprobs, seq.prompt_ids, row.start,
+                                       res.logits[res.exit_layer], seq.params.prompt_logprobs, res.exit_layer)
+            if seq.num_computed == seq.num_tokens:
                 try:
                     outputs.append(self._append_token(seq, res.logits[res.exit_layer][-1], res.exit_layer))
                 except Exception as e:  # one request's failure must not end the others
@@ -180,31 +190,46 @@ class LLMEngine:
 
     def _row(self, seq: Sequence, n: int) -> Row | None:
         """The runner's view of the sequence's next `n` tokens. Logits are wanted only when they
-        complete the sequence; prompt chunks before that run to the shallowest depth a token
-        could leave at (their deeper KV is filled later if a token goes deeper).
+        complete the sequence, or for every token when prompt logprobs are wanted; prompt chunks
+        before that run to the shallowest depth a token could leave at (their deeper KV is filled
+        later if a token goes deeper). Prompt logprobs of a confidence request come from full
+        depth, and so does its first token (the chunk that scores the prompt's end produces it).
 
         A model without a causal mask has no KV cache to fill (a later token changes every
         earlier position): once the tokens are complete, the whole sequence is recomputed."""
         completes = seq.num_computed + n == seq.num_tokens
         depth = seq.exit_layer
+        scoring = seq.wants_prompt_logprobs
         if not self.model_config.causal:
-            return Row(seq.all_ids, 0, depth, None, {depth: "last"}, seq.confidence) if completes else None
+            if not completes:
+                return None
+            return Row(seq.all_ids, 0, depth, None, {depth: "all" if scoring else "last"},
+                       None if scoring else seq.confidence)
         tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
+        if scoring:
+            return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "all"})
         if seq.confidence is not None and not completes:
             depth = seq.confidence.first_exit(self.model_config.num_hidden_layers)
         return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
                    seq.confidence, seq.pending)
 
     def _append_token(self, seq: Sequence, logits: torch.Tensor, exit_layer: int) -> StepOutput:
-        token = sample(logits, seq.params, seq.generator)
+        p = seq.params
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        token = sample(adjust_logits(logits, p, seq.prompt_ids, seq.output_ids, stop_ids), p, seq.generator)
+        if p.logprobs is not None:
+            seq.logprobs += logprobs_of(logits[None], [token], p.logprobs, exit_layer)
         seq.output_ids.append(token)
         seq.exit_layers.append(exit_layer)
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         detok = self._detokenizers[seq]
-        text, hit_stop = detok.update(seq.output_ids)
+        stop_token = token in stop_ids  # never before min_tokens: the sampler masks them
+        # A stop token's text is not part of the output; stop strings count from min_tokens on.
+        text, hit_stop = detok.update(seq.output_ids[:-1] if stop_token else seq.output_ids,
+                                      check_stop=len(seq.output_ids) >= p.min_tokens)
         seq.text = text
-        if hit_stop or (token in self.eos_ids and not seq.params.ignore_eos):
+        if hit_stop or stop_token:
             seq.finish_reason = "stop"
         elif (len(seq.output_ids) >= seq.params.max_tokens
               or seq.num_tokens >= self.model_config.max_position_embeddings):

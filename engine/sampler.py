@@ -1,11 +1,46 @@
-"""Turns one row of logits into a token: greedy, or temperature with top-k and top-p filters,
-drawn from the request's own generator so that a seed gives the same tokens in any batch."""
+"""Turns one row of logits into a token: the request's logit changes (min_tokens, logit_bias,
+repetition/frequency/presence penalties), then greedy, or temperature with top-k and top-p
+filters, drawn from the request's own generator so that a seed gives the same tokens in any batch."""
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 
 from .sequence import SamplingParams
+
+
+def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
+                  output_ids: list[int], stop_ids: Collection[int]) -> torch.Tensor:
+    """The logits the request samples from (a new tensor when anything changes).
+
+    - min_tokens: until that many tokens exist, `stop_ids` (EOS and stop_token_ids) cannot be drawn.
+    - logit_bias: added to the named tokens' logits.
+    - repetition_penalty r (Keskar et al., as in transformers and vLLM): every token of the prompt
+      and output so far has its logit divided by r when positive, multiplied by r when negative.
+    - frequency_penalty f and presence_penalty p (OpenAI): a token generated c times so far
+      loses f * c + p * (c > 0).
+    """
+    p = params
+    masked = len(output_ids) < p.min_tokens and stop_ids
+    if not (masked or p.logit_bias or p.repetition_penalty != 1.0 or (
+            output_ids and (p.frequency_penalty or p.presence_penalty))):
+        return logits
+    logits = logits.double().clone()
+    if masked:
+        logits[torch.tensor(sorted(stop_ids))] = float("-inf")
+    if p.logit_bias:
+        ids, biases = zip(*p.logit_bias)
+        logits[torch.tensor(ids)] += torch.tensor(biases, dtype=logits.dtype)
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)))
+        x = logits[seen]
+        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+    if output_ids and (p.frequency_penalty or p.presence_penalty):
+        counts = torch.bincount(torch.tensor(output_ids), minlength=logits.numel()).to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

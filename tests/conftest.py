@@ -60,6 +60,13 @@ def tiny(tmp_path, request):
     return model, write_packed(model, tmp_path / f"tiny-{request.param}")
 
 
+@pytest.fixture(scope="session")
+def shared_v1(tmp_path_factory):
+    """(reference v1 model, its packed checkpoint), built once for every test that only reads them."""
+    model = reference_model("v1")
+    return model, write_packed(model, tmp_path_factory.mktemp("shared") / "tiny-v1")
+
+
 @pytest.fixture
 def tiny_v1(tmp_path):
     model = reference_model("v1")
