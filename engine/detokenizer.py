@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
+from models.tokenizer import bytes_to_unicode
+
 
 class Detokenizer:
     def __init__(self, tokenizer: Tokenizer | None, stop: tuple[str, ...] = ()):
@@ -39,3 +41,39 @@ class Detokenizer:
         delta = text[self.released:end]
         self.released = max(self.released, end)
         return delta
+
+
+class TokenPieces:
+    """What each token stands for, as OpenAI's logprobs show it: its bytes, and its string (its
+    text; `bytes:\\xNN..` when its bytes are not whole UTF-8 characters; a special token's content)."""
+
+    def __init__(self, tokenizer: Tokenizer | None):
+        self.tokenizer = tokenizer
+        if tokenizer is None:  # ids only: a token is shown as `token_id:N` (as vLLM can)
+            self.special, self.byte_level = {}, False
+            return
+        self.special = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+        decoder = tokenizer.decoder
+        self.byte_level = decoder is not None and type(decoder).__name__ == "ByteLevel"
+        self.unbyte = {c: b for b, c in bytes_to_unicode().items()}
+
+    def bytes_of(self, token: int) -> bytes:
+        """The bytes the token adds to the text (b"" for a special token, which decoding skips)."""
+        if token in self.special or self.tokenizer is None:
+            return b""
+        if self.byte_level:
+            piece = self.tokenizer.id_to_token(token) or ""
+            if all(c in self.unbyte for c in piece):
+                return bytes(self.unbyte[c] for c in piece)
+        return self.tokenizer.decode([token]).encode()
+
+    def string_of(self, token: int) -> str:
+        if token in self.special:
+            return self.special[token]
+        if self.tokenizer is None:
+            return f"token_id:{token}"
+        raw = self.bytes_of(token)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)

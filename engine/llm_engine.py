@@ -89,6 +89,15 @@ class LLMEngine:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if self.bos_id is not None and add_bos else []) + ids
 
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token and eos_token as text (what chat templates call them)."""
+        if self.tokenizer is None:
+            return {}
+        out = {"bos_token": self.tokenizer.id_to_token(self.bos_id)} if self.bos_id is not None else {}
+        if self.eos_ids:
+            out["eos_token"] = self.tokenizer.id_to_token(min(self.eos_ids))
+        return out
+
     def confidence_rule(self, threshold: float, min_exit_layer: int = 1,
                         measure: str = "probability") -> ConfidenceRule:
         """The confidence policy over this model's exit points; ValueError names a bad field."""

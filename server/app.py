@@ -18,10 +18,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFailed, RequestStream
 from engine.exit_policy import ConfidenceRule
-from engine.llm_engine import LLMEngine
+from engine.llm_engine import LLMEngine, StepOutput
 from engine.perplexity import perplexity
 from engine.sequence import SamplingParams, Sequence
 
+from .chat_template import ChatTemplate
 from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import Metrics
 from .schemas import GenerateRequest, PerplexityRequest, SamplingFields
@@ -104,9 +105,9 @@ class Server:
                 param=param))
         return ids
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, add_bos: bool = True) -> list[int]:
         try:
-            return self.engine.encode(text)
+            return self.engine.encode(text, add_bos)
         except ValueError as e:  # a model served without a tokenizer
             raise self.reject("validation", APIError(422, f"{param}: {e}", param=param)) from None
 
@@ -114,8 +115,10 @@ class Server:
         """`body` plus the model's warnings (no causal mask, no tokenizer), when it has any."""
         return {**body, "warnings": self.engine.warnings} if self.engine.warnings else body
 
-    def sampling_params(self, body: SamplingFields) -> tuple[SamplingParams, int | None, ConfidenceRule | None]:
-        """(sampling, fixed exit layer, confidence rule) of a request body; 422 names a bad field."""
+    def sampling_params(self, body: SamplingFields, **extra) -> tuple[SamplingParams, int | None,
+                                                                      ConfidenceRule | None]:
+        """(sampling, fixed exit layer, confidence rule) of a request body, `extra` SamplingParams
+        fields added; 422 names a bad field."""
         exit_layer, confidence = None, None
         if body.policy == "confidence":
             if body.exit_layer is not None:
@@ -127,10 +130,18 @@ class Server:
                                                      body.confidence_measure)
         else:
             exit_layer = self.check_exit_layer(body.exit_layer)
+        v = self.config.vocab_size
+        for param, ids in (("stop_token_ids", body.stop_token_ids or ()), ("logit_bias", body.logit_bias or {})):
+            if bad := [t for t in ids if not 0 <= t < v]:
+                raise self.reject("validation", APIError(
+                    422, f"{param} has token ids {bad[:5]}: ids must be in 0..{v - 1}", param=param))
         try:
-            params = SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature,
-                                    top_k=body.top_k, top_p=body.top_p, seed=body.seed,
-                                    stop=tuple(body.stop_list), ignore_eos=body.ignore_eos)
+            params = SamplingParams(
+                max_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k, top_p=body.top_p,
+                seed=body.seed, stop=tuple(body.stop_list), ignore_eos=body.ignore_eos,
+                stop_token_ids=tuple(body.stop_token_ids or ()), min_tokens=body.min_tokens,
+                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty, logit_bias=body.logit_bias or {}, **extra)
         except ValueError as e:
             raise self.reject("validation", APIError(422, str(e))) from None
         return params, exit_layer, confidence
@@ -149,6 +160,38 @@ class Server:
             raise self.reject("validation", APIError(422, str(e))) from None
 
     # ---- running a request -----------------------------------------------------------------
+    async def merged_outputs(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(index, output) of several requests as they come; aborts them all if one fails or the
+        caller leaves."""
+        if len(streams) == 1:
+            async for out in self.outputs(streams[0]):
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, stream: RequestStream):
+            try:
+                async for out in self.outputs(stream):
+                    queue.put_nowait((i, out))
+            except Exception as e:
+                queue.put_nowait((i, e))
+            queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            running = len(streams)
+            while running:
+                i, item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()  # each one's `outputs` aborts its request if unfinished
+
     async def outputs(self, stream: RequestStream) -> AsyncIterator:
         """The request's outputs; records its latency metrics; aborts it if the caller leaves."""
         seq = stream.seq
@@ -171,28 +214,37 @@ class Server:
             if not seq.finished:  # the client went away, or an error: free the KV now
                 self.loop.abort(stream)
 
-    def event_stream(self, stream: RequestStream, event: Callable, final: Callable) -> StreamingResponse:
-        """Server-sent events: `event(output)` per output (None: nothing to send), `final(seq)`
-        at the end, an error event if the engine fails the request, then `[DONE]`."""
+    def event_stream(self, streams: list[RequestStream], event: Callable, final: Callable) -> StreamingResponse:
+        """Server-sent events: `event(index, output)` per output of the requests (None: nothing
+        to send), each event of `final(seqs)` at the end, an error event if the engine fails a
+        request, then `[DONE]`."""
         async def events():
+            outputs = self.merged_outputs(streams)
             try:
-                async for out in self.outputs(stream):
-                    if (data := event(out)) is not None:
+                async for i, out in outputs:
+                    if (data := event(i, out)) is not None:
                         yield sse(data)
-                yield sse(final(stream.seq))
+                for data in final([s.seq for s in streams]):
+                    yield sse(data)
             except RequestFailed as e:
                 yield sse(error_body(str(e), "internal_error"))
             finally:
-                if not stream.seq.finished:  # the client went away mid-stream
-                    self.loop.abort(stream)
+                await outputs.aclose()
+                for stream in streams:
+                    if not stream.seq.finished:  # the client went away mid-stream
+                        self.loop.abort(stream)
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def run_to_completion(self, request: Request, stream: RequestStream) -> Sequence:
         """Collect a request's outputs; abort it if the client disconnects first."""
+        return (await self.run_all(request, [stream]))[0]
+
+    async def run_all(self, request: Request, streams: list[RequestStream]) -> list[Sequence]:
+        """Collect the outputs of requests; abort them if the client disconnects first."""
         async def collect():
-            async for _ in self.outputs(stream):
+            async for _ in self.merged_outputs(streams):
                 pass
 
         async def disconnected():
@@ -210,7 +262,7 @@ class Server:
                 await work
             raise APIError(499, "client disconnected", "client_closed")
         work.result()  # re-raises RequestFailed
-        return stream.seq
+        return [s.seq for s in streams]
 
 
 def usage(seq: Sequence) -> dict:
@@ -235,7 +287,9 @@ def sse(data) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -> FastAPI:
+def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
+               chat_template: ChatTemplate | None = None) -> FastAPI:
+    """The app; `chat_template` (server.chat_template.load_chat_template) enables /v1/chat/completions."""
     server = Server(engine, settings)
 
     @contextlib.asynccontextmanager
@@ -270,15 +324,16 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings()) -
         if not body.stream:
             return server.with_warnings(generate_result(await server.run_to_completion(request, stream)))
 
-        def token_event(out):
+        def token_event(_, out):
             if out.token_id is not None:
                 return {"token_id": out.token_id, "text": out.text_delta, "exit_layer": out.exit_layer}
             return {"text": out.text_delta} if out.text_delta else None
 
-        return server.event_stream(stream, token_event, lambda seq: server.with_warnings(generate_result(seq)))
+        return server.event_stream([stream], token_event,
+                                   lambda seqs: [server.with_warnings(generate_result(seqs[0]))])
 
     from .openai_api import openai_router  # imported here: it builds on this module's Server
-    app.include_router(openai_router(server))
+    app.include_router(openai_router(server, chat_template))
 
     # ---- scoring ---------------------------------------------------------------------------
     @app.post("/perplexity")

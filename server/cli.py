@@ -259,6 +259,7 @@ def cmd_serve(args) -> None:
     from models.default_model import resolve_model
 
     from .app import ServerSettings, create_app
+    from .chat_template import load_chat_template
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(args.model)
     # Leave a core to the HTTP side: torch's threads spin while they wait, so an engine that
@@ -270,7 +271,7 @@ def cmd_serve(args) -> None:
     logging.getLogger("bitskip.server").info("engine on %s; %d torch threads", engine.backend.describe(), threads)
     settings = ServerSettings(model_name=path.name, api_key=args.api_key, max_queue=args.max_queue,
                               drain_timeout=args.drain_timeout)
-    app = create_app(engine, settings)
+    app = create_app(engine, settings, load_chat_template(path, engine.special_tokens()))
     # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, finish in-flight requests
     # (bounded), then run the app's shutdown, which drains the engine loop. Afterwards it restores
     # the handler it found and re-raises the signal; with the default handler that would kill the

@@ -1,22 +1,115 @@
 """Request bodies of the OpenAI-compatible routes (server.openai_api). The BitSkip fields of
-`SamplingFields` (exit_layer, policy, threshold, ...) are accepted as extra body fields."""
+`SamplingFields` (exit_layer, policy, threshold, ...) are accepted as extra body fields.
+
+Unknown fields are a 422 that names them, and so are OpenAI fields this server does not
+implement when they are set to anything that would change the output (`unsupported`): a client
+never gets silently different results."""
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from typing import Any, Literal
 
-from .schemas import SamplingFields
+from pydantic import BaseModel, ConfigDict, Field
+
+from .schemas import MAX_TOKENS_LIMIT, SamplingFields
+
+LOGPROBS_LIMIT = 20  # top alternatives per token, as OpenAI allows
+N_LIMIT = 16         # choices per prompt
 
 
-class CompletionRequest(SamplingFields):
-    """OpenAI /v1/completions."""
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    include_usage: bool = False  # a last chunk with `usage` and no choices
 
-    model: str | None = None
-    prompt: str | list[int] | list[str] | list[list[int]]
+
+class OpenAIFields(SamplingFields):
+    """What /v1/completions and /v1/chat/completions share."""
+
+    model: str | None = None  # NAME (full depth) or NAME@K (exit layer K); see /v1/models
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=N_LIMIT)
+    stream_options: StreamOptions | None = None
+    user: str | None = None                   # accepted; changes nothing
+    metadata: dict[str, str] | None = None    # accepted; changes nothing
+    store: bool | None = None                 # accepted; nothing is stored
+    service_tier: str | None = None           # accepted; one tier
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        """(field, why) for each field set to something not implemented."""
+        return []
+
+
+class CompletionRequest(OpenAIFields):
+    prompt: str | list[int] | list[str | list[int]]  # one prompt, or a batch of them
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=0)
-    user: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = []
+        if self.best_of is not None and self.best_of != self.n:
+            out.append(("best_of", f"best_of={self.best_of} is not supported: only best_of equal to n "
+                                   f"({self.n}), i.e. every sample returned"))
+        if self.suffix:
+            out.append(("suffix", "suffix is not supported: insertion needs a fill-in-the-middle model"))
+        return out
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: handed to the template
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str | None:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content
+
+
+class ChatCompletionRequest(OpenAIFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # None: up to the context
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
+    add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant's turn opening
+    # OpenAI fields not implemented: a value that would change the output is refused.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
+
+    def unsupported(self) -> list[tuple[str, str]]:
+        out = [(name, f"{name} is not supported: no tool or function calling")
+               for name in ("tools", "functions", "function_call") if getattr(self, name)]
+        if self.tool_choice not in (None, "none"):
+            out.append(("tool_choice", "tool_choice is not supported: no tool calling"))
+        if self.response_format and self.response_format.get("type") != "text":
+            out.append(("response_format", "response_format is not supported: only {'type': 'text'}"))
+        if self.modalities and self.modalities != ["text"]:
+            out.append(("modalities", "modalities is not supported: only ['text']"))
+        out += [(name, f"{name} is not supported")
+                for name in ("audio", "prediction", "reasoning_effort", "web_search_options")
+                if getattr(self, name) is not None]
+        if self.top_logprobs is not None and not self.logprobs:
+            out.append(("top_logprobs", "top_logprobs needs logprobs: true"))
+        if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
+            out.append(("max_completion_tokens", "max_tokens and max_completion_tokens disagree"))
+        return out

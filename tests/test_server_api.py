@@ -345,7 +345,7 @@ def test_completions_non_stream_stream_and_models(model, ckpt):
 
     models, plain, streamed, ids, gen, bad, bad_policy, bad_id, too_long = run(body())
     assert models["object"] == "list"
-    assert [m["id"] for m in models["data"]] == ["tiny-v1"]
+    assert [m["id"] for m in models["data"]] == ["tiny-v1"] + [f"tiny-v1@{k}" for k in range(1, L + 1)]
     assert models["data"][0]["object"] == "model"
 
     assert plain.status_code == 200, plain.text
