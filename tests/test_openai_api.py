@@ -96,10 +96,14 @@ def check_error(r: httpx.Response, status: int, param: str, *words: str):
 def test_logprobs_and_echo_are_the_exit_layers(shared_v1):
     model, ckpt = shared_v1
     req = {"prompt": "the cat", "max_tokens": 5, "temperature": 0, "logprobs": 3, "ignore_eos": True}
-    plain, echo, full = call(ckpt, [post("/v1/completions", {**req, "model": f"{NAME}@2"}),
-                                    post("/v1/completions", {**req, "model": f"{NAME}@2", "echo": True}),
-                                    post("/v1/completions", {**req, "model": NAME, "echo": True})])
     prompt = [BOS_ID] + list(b"the cat")
+    plain, echo, full, ppl = call(ckpt, [post("/v1/completions", {**req, "model": f"{NAME}@2"}),
+                                         post("/v1/completions", {**req, "model": f"{NAME}@2", "echo": True}),
+                                         post("/v1/completions", {**req, "model": NAME, "echo": True}),
+                                         post("/perplexity", {"token_ids": prompt, "exit_layers": [2]})])
+    # The echoed prompt's logprobs are /perplexity's at the same depth.
+    scored = echo.json()["choices"][0]["logprobs"]["token_logprobs"][1:len(prompt)]
+    assert -sum(scored) / len(scored) == pytest.approx(ppl.json()["nll"]["2"], abs=1e-6)
     for r, k in ((echo, 2), (full, L)):
         choice = r.json()["choices"][0]
         lp = choice["logprobs"]
