@@ -98,7 +98,7 @@ def _quant_kernel(x_ptr, nw_ptr, codes_ptr, s_ptr,
     if HAS_NORM:
         # models.functional.rms_norm: x / sqrt(mean(x^2) + eps) * w, mean in float64.
         x64 = x.to(tl.float64)
-        mean_sq = (tl.sum(x64 * x64, axis=0) / K_IN).to(tl.float32)
+        mean_sq = (_sum(x64 * x64, axis=0) / K_IN).to(tl.float32)
         # Correctly rounded square root (as torch on CUDA). NOTE: torch's CPU float32 sqrt is not
         # always correctly rounded (about 0.6% of inputs 1 ulp off on an AVX-512 build), so a
         # fused norm can differ from models.functional.rms_norm on a CPU by 1 ulp in rare rows.
@@ -118,11 +118,11 @@ def _quant_kernel(x_ptr, nw_ptr, codes_ptr, s_ptr,
 
     # models.quant.quantize_activations: s = max(absmax, eps); q = clamp(round(x * (Q / s)), -Q, Q)
     out_mask = offs < K_OUT
-    amax = tl.max(tl.where(out_mask, tl.abs(x), 0.0), axis=0)
+    amax = _max(tl.where(out_mask, tl.abs(x), 0.0), axis=0)
     s = tl.maximum(amax, 1e-5)                                  # eps of DESIGN section 2
     # `q_max / s` in torch is Tensor.__rtruediv__ = s.reciprocal() * q_max: two roundings, and
     # a quarter of the time not the correctly rounded quotient. Reproduce exactly that.
-    inv = tl.div_rn(1.0 + tl.zeros_like(s), s) * QMAX
+    inv = tl.div_rn(1.0 + _zeros_like(s), s) * QMAX
     y = x * inv
     # torch.round: round half to even.
     if USE_RINT:
@@ -146,8 +146,8 @@ def _prefill_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Grouped program order: GROUP_M row tiles share each weight tile while it sits in L2.
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_m = _cdiv(M, BLOCK_M)
+    num_pid_n = _cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_pid_m = group_id * GROUP_M
@@ -165,7 +165,7 @@ def _prefill_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
     w_tile = w_ptr + offs_n[None, :] * stride_wn + offs_r[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for g in range(0, tl.cdiv(K, 4 * R)):
+    for g in range(0, _cdiv(K, 4 * R)):
         wb = tl.load(w_tile + g * R, mask=n_mask[None, :], other=0).to(tl.int32)
         for j in tl.static_range(4):
             k = g * (4 * R) + j * R + offs_r
@@ -178,7 +178,7 @@ def _prefill_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
     if EPILOGUE:
         s = tl.load(s_ptr + offs_m, mask=m_mask, other=1.0)
         gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
-        sq = tl.div_rn(s, QMAX * 1.0 + tl.zeros_like(s))           # s / Q, as the reference
+        sq = tl.div_rn(s, QMAX * 1.0 + _zeros_like(s))           # s / Q, as the reference
         y = acc.to(tl.float32) * sq[:, None] * gamma[None, :]       # (acc * (s/Q)) * gamma
         tl.store(out_ptrs, y, mask=mask)
     else:
@@ -217,14 +217,14 @@ def _decode_bytes_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
             code = (wb >> (2 * j)) & 3                                          # [BLOCK_N, BLOCK_KB]
             part += a[:, None, :] * code[None, :, :]
             asum += a
-    acc = tl.sum(part, axis=2) - tl.sum(asum, axis=1)[:, None]                 # [BLOCK_M, BLOCK_N]
+    acc = _sum(part, axis=2) - _sum(asum, axis=1)[:, None]                 # [BLOCK_M, BLOCK_N]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if EPILOGUE:
         s = tl.load(s_ptr + offs_m, mask=m_mask, other=1.0)
         gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
-        sq = tl.div_rn(s, QMAX * 1.0 + tl.zeros_like(s))
+        sq = tl.div_rn(s, QMAX * 1.0 + _zeros_like(s))
         y = acc.to(tl.float32) * sq[:, None] * gamma[None, :]
         tl.store(out_ptrs, y, mask=mask)
     else:
@@ -292,15 +292,15 @@ def _decode_kernel(a_ptr, w_ptr, out_ptr, s_ptr, gamma_ptr,
 
     # Plane sums are exact multiples of 4^j, so the arithmetic shifts are exact divisions. Weights
     # are codes - 1: sum a * (c - 1) = sum a * c - sum a.
-    per_plane = tl.sum(acc, axis=3) >> (2 * plane)[:, None, None]                # [4, BLOCK_M, BLOCK_N]
-    acc = tl.sum(per_plane, axis=0) - tl.sum(tl.sum(asum, axis=3), axis=0)        # [BLOCK_M, BLOCK_N]
+    per_plane = _sum(acc, axis=3) >> (2 * plane)[:, None, None]                # [4, BLOCK_M, BLOCK_N]
+    acc = _sum(per_plane, axis=0) - _sum(_sum(asum, axis=3), axis=0)        # [BLOCK_M, BLOCK_N]
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if EPILOGUE:
         s = tl.load(s_ptr + offs_m, mask=m_mask, other=1.0)
         gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
-        sq = tl.div_rn(s, QMAX * 1.0 + tl.zeros_like(s))
+        sq = tl.div_rn(s, QMAX * 1.0 + _zeros_like(s))
         y = acc.to(tl.float32) * sq[:, None] * gamma[None, :]
         tl.store(out_ptrs, y, mask=mask)
     else:
@@ -320,10 +320,17 @@ def _is_interpreted(fn) -> bool:
 
 
 INTERPRETED = _is_interpreted(_quant_kernel)
-if INTERPRETED:
-    # The interpreter re-patches triton.language on every call of a nested @triton.jit function
-    # (milliseconds each); inside an interpreted kernel the plain Python function does the same.
-    _dp4a = _dp4a.fn
+
+
+def plain(fn):
+    """Under the interpreter every call of a nested @triton.jit function (ours, or tl.sum, tl.max,
+    tl.cdiv) re-patches triton.language, milliseconds each; inside an interpreted kernel the
+    plain Python function computes the same. On a GPU: the function itself."""
+    return fn.fn if INTERPRETED else fn
+
+
+_dp4a = plain(_dp4a)
+_sum, _max, _cdiv, _zeros_like = plain(tl.sum), plain(tl.max), plain(tl.cdiv), plain(tl.zeros_like)
 # Autotune on a real GPU unless BITSKIP_TRITON_AUTOTUNE=0 (then the heuristic configs below).
 AUTOTUNE = not INTERPRETED and os.environ.get("BITSKIP_TRITON_AUTOTUNE", "1") != "0"
 # dp4a through inline PTX on a GPU (BITSKIP_DP4A=0 falls back to the same kernel in plain Triton
