@@ -58,9 +58,15 @@ class TritonBackend:
         return self._attn.paged_attention(q, cache.k, cache.v, table[None], rows, positions, cache.block_size)
 
     def causal_attention(self, q, k, v):
-        # The row's own keys as a cache of one block that holds all of them.
+        return self._uncached(q, k, v, torch.arange(q.shape[0], device=self.device))
+
+    def full_attention(self, q, k, v):
+        return self._uncached(q, k, v, torch.full((q.shape[0],), q.shape[0] - 1, device=self.device))
+
+    def _uncached(self, q, k, v, positions):
+        """Attention over the row's own keys, seen as a cache of one block that holds them all;
+        token i attends positions 0..positions[i]."""
         t = q.shape[0]
-        positions = torch.arange(t, device=self.device)
         zeros = torch.zeros(t, dtype=torch.long, device=self.device)
         return self._attn.paged_attention(q, k.contiguous(), v.contiguous(), zeros[None, :1], zeros,
                                           positions, t)
