@@ -29,8 +29,10 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
-        # Zero-filled so padded reads are finite (their attention weight is exactly 0).
-        self.k = torch.zeros(num_blocks * block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        # Zero-filled so padded reads are finite (their attention weight is exactly 0). One block
+        # past the pool is never handed out: padding rows of static decode steps write there.
+        self.k = torch.zeros((num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.scratch_slot = num_blocks * block_size
         self.v = torch.zeros_like(self.k)
         self._free: deque[int] = deque(range(num_blocks))
         self._arange = torch.arange(block_size, device=self.device)

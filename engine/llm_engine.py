@@ -18,6 +18,7 @@ from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
 from .logprobs import logprobs_of, record_prompt_logprobs
 from .model_runner import ModelRunner, Row
+from .device_sampler import sample_batch
 from .sampler import adjust_logits, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
@@ -74,7 +75,8 @@ class LLMEngine:
         self.kv_cache = KVCache(config.num_kv_blocks or config.max_num_seqs * blocks_per_seq,
                                 config.block_size, mc.num_key_value_heads, mc.head_dim,
                                 device=self.backend.device) if mc.causal else None
-        self.runner = ModelRunner(self.weights, self.kv_cache)
+        self.runner = ModelRunner(self.weights, self.kv_cache, max_decode_rows=config.max_num_seqs,
+                                  cuda_graphs=not config.enforce_eager)
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
         self._detokenizers: dict[Sequence, Detokenizer] = {}
         self.last_batch: list[Sequence] = []  # the sequences of the latest step
@@ -178,7 +180,7 @@ class LLMEngine:
             rows.append(self._row(seq, n))
         computed = [r for r in rows if r is not None]
         results = iter(self.runner.forward(computed) if computed else [])
-        outputs = []
+        drawn = []  # (sequence, logits of its next token, exit layer)
         for (seq, n), row in zip(batch, rows):
             seq.num_computed += n
             if row is None:
@@ -190,12 +192,50 @@ class LLMEngine:
                 record_prompt_logprobs(seq.prompt_logprobs, seq.prompt_ids, row.start,
                                        res.logits[res.exit_layer], seq.params.prompt_logprobs, res.exit_layer)
             if seq.num_computed == seq.num_tokens:
-                try:
-                    outputs.append(self._append_token(seq, res.logits[res.exit_layer][-1], res.exit_layer))
-                except Exception as e:  # one request's failure must not end the others
-                    self.abort(seq, reason="error")
-                    outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
+                drawn.append((seq, res.logits[res.exit_layer][-1], res.exit_layer))
+        outputs = []
+        for (seq, logits, exit_layer), token in zip(drawn, self._sample(drawn)):
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                outputs.append(self._append_token(seq, token, logits, exit_layer))
+            except Exception as e:  # one request's failure must not end the others
+                self.abort(seq, reason="error")
+                outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
         return outputs
+
+    def _stop_ids(self, seq: Sequence) -> set[int]:
+        p = seq.params
+        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+
+    def _sample(self, drawn: list[tuple[Sequence, torch.Tensor, int]]) -> list[int | Exception]:
+        """Each row's token from its adjusted logits (penalties, bias, min_tokens): on the device
+        for the whole batch when the backend computes there (engine/device_sampler.py), else row
+        by row from each request's generator."""
+        rows: list[torch.Tensor | Exception] = []
+        for seq, logits, _ in drawn:
+            try:
+                rows.append(adjust_logits(logits, seq.params, seq.prompt_ids, seq.output_ids, self._stop_ids(seq)))
+            except Exception as e:
+                rows.append(e)
+        ok = [i for i, r in enumerate(rows) if not isinstance(r, Exception)]
+        if self.backend.sample_on_device and ok:
+            seqs = [drawn[i][0] for i in ok]
+            try:
+                tokens = sample_batch(torch.stack([rows[i].double() for i in ok]), [s.params for s in seqs],
+                                      [s.generator.initial_seed() for s in seqs], [len(s.output_ids) for s in seqs])
+            except Exception as e:
+                tokens = [e] * len(ok)
+            for i, token in zip(ok, tokens):
+                rows[i] = token
+            return rows
+        out: list[int | Exception] = []
+        for (seq, _, _), row in zip(drawn, rows):
+            try:
+                out.append(row if isinstance(row, Exception) else sample(row, seq.params, seq.generator))
+            except Exception as e:
+                out.append(e)
+        return out
 
     def _row(self, seq: Sequence, n: int) -> Row | None:
         """The runner's view of the sequence's next `n` tokens. Logits are wanted only when they
@@ -222,10 +262,9 @@ class LLMEngine:
         return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
                    seq.confidence, seq.pending)
 
-    def _append_token(self, seq: Sequence, logits: torch.Tensor, exit_layer: int) -> StepOutput:
+    def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor, exit_layer: int) -> StepOutput:
         p = seq.params
-        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-        token = sample(adjust_logits(logits, p, seq.prompt_ids, seq.output_ids, stop_ids), p, seq.generator)
+        stop_ids = self._stop_ids(seq)
         if p.logprobs is not None:
             seq.logprobs += logprobs_of(logits[None], [token], p.logprobs, exit_layer)
         seq.output_ids.append(token)

@@ -25,7 +25,7 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], k: int,
     """logits [n, vocab] (row i predicts tokens[i]) -> the logprob of each token and its row's
     `k` most likely tokens."""
     logp = torch.log_softmax(logits.double(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
     if k > 0:
         values, ids = torch.topk(logp, min(k, logp.shape[1]), dim=-1)
         tops = [tuple(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from models.functional import activation, apply_rope, gated_activation, layer_norm, rope_tables
 
+from .decode_graphs import DecodeGraphs
 from .exit_policy import ConfidenceRule
 from .kernels.native.block import decode_blocks
 from .kv_cache import KVCache, SequenceKV
@@ -114,13 +115,17 @@ class _Layout:
     # each row's position and, per layer, its cache blocks [layers, rows, width].
     native_positions: torch.Tensor | None = None
     native_tables: torch.Tensor | None = None
+    static: DecodeGraphs | None = None  # a decode step in static buffers: they attend
 
 
 class ModelRunner:
     """One runner for every backend: `weights.backend` decides where tensors live and which
     kernels run; the control flow here is the same on each."""
 
-    def __init__(self, weights: ModelWeights, kv_cache: KVCache | None = None):
+    def __init__(self, weights: ModelWeights, kv_cache: KVCache | None = None,
+                 max_decode_rows: int = 32, cuda_graphs: bool = True):
+        """Backends with `static_decode` run plain decode steps from static buffers of up to
+        `max_decode_rows` rows (engine/decode_graphs.py), as CUDA graphs when `cuda_graphs`."""
         self.weights = weights
         self.backend = weights.backend
         self.device = weights.backend.device
@@ -139,6 +144,10 @@ class ModelRunner:
         # kernel or for architecture options it does not cover.
         self.native_blocks = decode_blocks(c, weights.layers) \
             if kv_cache is not None and kv_cache.k.dtype == torch.float32 else None
+        self.decode_graphs = None
+        if getattr(self.backend, "static_decode", False) and kv_cache is not None and c.causal \
+                and weights.embed_positions is None:
+            self.decode_graphs = DecodeGraphs(self, max_decode_rows, cuda_graphs)
 
     @torch.inference_mode()
     def forward(self, rows: list[Row]) -> list[RowResult]:
@@ -149,6 +158,8 @@ class ModelRunner:
             if r.start + len(r.tokens) > c.max_position_embeddings:
                 raise ValueError(f"positions up to {r.start + len(r.tokens)} exceed the context "
                                  f"{c.max_position_embeddings}")
+        if self.decode_graphs is not None and self.decode_graphs.accepts(rows):
+            return self.decode_graphs.run(rows)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=self.device)
         embedded = self.weights.embed_tokens[ids]
         if self.weights.embed_positions is not None:  # learned absolute positions, added
@@ -307,6 +318,8 @@ class ModelRunner:
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 layout: _Layout) -> torch.Tensor:
         """Causal attention of each row's running tokens over its cached and running keys."""
+        if layout.static is not None:
+            return layout.static.attend(layer, q, k, v)
         out = torch.empty(q.shape[0], self.q_size, device=self.device)
         cache, be = self.kv_cache, self.backend
         if layout.decode:  # single-token rows share one attention call

@@ -29,16 +29,16 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
         return logits
     logits = logits.double().clone()
     if masked:
-        logits[torch.tensor(sorted(stop_ids))] = float("-inf")
+        logits[torch.tensor(sorted(stop_ids), device=logits.device)] = float("-inf")
     if p.logit_bias:
         ids, biases = zip(*p.logit_bias)
-        logits[torch.tensor(ids)] += torch.tensor(biases, dtype=logits.dtype)
+        logits[torch.tensor(ids, device=logits.device)] += torch.tensor(biases, dtype=logits.dtype, device=logits.device)
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)))
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
         x = logits[seen]
         logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
     if output_ids and (p.frequency_penalty or p.presence_penalty):
-        counts = torch.bincount(torch.tensor(output_ids), minlength=logits.numel()).to(logits.dtype)
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel()).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 

@@ -74,8 +74,9 @@ def test_logits_at_every_exit_and_perplexity_match_the_torch_backend(ckpt):
 
 
 def test_mixed_exit_batch_gives_the_torch_backends_greedy_tokens(ckpt):
-    """Eight requests at exits 1..L (chunked prefill, then decode steps with rows leaving the
-    batch after their own exit): the same tokens as the torch backend, request by request."""
+    """Eight requests at exits 1..L (chunked prefill, then decode steps from static buffers, the
+    code CUDA graphs capture, with rows leaving after their own exit): the same tokens as the
+    torch backend, request by request."""
     L = ckpt.config.num_hidden_layers
     prompts = [[5 + i, 40 + 3 * i, 7, 90 - i][: 2 + i % 3] for i in range(8)]
     exits = [1 + i % L for i in range(8)]
@@ -84,6 +85,7 @@ def test_mixed_exit_batch_gives_the_torch_backends_greedy_tokens(ckpt):
     with guarded():
         got = [s.output_ids for s in gpu.generate(prompts, GREEDY, exits)]
     assert got == want
+    assert gpu.runner.decode_graphs.steps > 0  # decode steps went through the static buffers
 
 
 def test_batch_of_eight_equals_each_request_alone(tmp_path):

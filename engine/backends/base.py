@@ -19,6 +19,7 @@ from engine.kv_cache import KVCache
 class Backend(Protocol):
     name: str               # "torch" or "triton"
     device: torch.device    # where weights, activations and the KV cache live
+    sample_on_device: bool  # the engine samples the batch there (engine/device_sampler.py)
 
     def describe(self) -> str:
         """One line for the startup log and /v1/models: device and kernels."""

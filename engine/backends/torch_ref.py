@@ -14,6 +14,7 @@ from models.functional import attention, causal_mask, rms_norm
 
 class TorchBackend:
     name = "torch"
+    sample_on_device = False  # engine/device_sampler.py for the whole batch
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

@@ -20,6 +20,7 @@ from models.functional import rms_norm
 
 class TritonBackend:
     name = "triton"
+    sample_on_device = True  # engine/device_sampler.py for the whole batch
     # Decode steps can run from static buffers without a host sync (engine/decode_graphs.py).
     static_decode = True
 
