@@ -1,7 +1,8 @@
 """Native checkpoints (DESIGN section 3): read and validate, write, pack latent weights.
 
 A checkpoint directory holds config.json, model.safetensors, tokenizer.json and optionally
-generation_config.json. Loading checks all of it and raises one CheckpointError that lists every
+generation_config.json and tokenizer_config.json (chat template). A Hugging Face BitNet directory
+(config.json model_type "bitnet") is read by models.hf_bitnet into the same Checkpoint. Loading checks all of it and raises one CheckpointError that lists every
 problem, each naming the file it is about, so a user fixes a broken checkpoint in one pass.
 Tensors are read with safetensors only; nothing is ever unpickled.
 """
@@ -27,6 +28,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 # The 7 projections of one block, in config.projection_shapes() order.
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -56,6 +59,12 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     tokenizer: Tokenizer | None   # None: token ids only (generation_config token_ids_only)
     generation_config: dict = field(default_factory=dict)
+    tokenizer_config: dict = field(default_factory=dict)  # tokenizer_config.json, if any
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template the checkpoint ships (for /v1/chat/completions), or None."""
+        return self.tokenizer_config.get("chat_template")
 
     @property
     def form(self) -> str:
@@ -112,7 +121,7 @@ def expected_tensors(config: BitSkipConfig, form: str = "packed") -> dict[str, T
 
 # ---- reading the files ---------------------------------------------------------------------
 
-def _read_json(path: Path, problems: list[str]) -> dict | None:
+def read_json(path: Path, problems: list[str]) -> dict | None:
     """The JSON object in `path`, or None after recording why it cannot be had."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -135,7 +144,7 @@ def _read_config(directory: Path, problems: list[str]) -> BitSkipConfig | None:
     if not path.is_file():
         problems.append(f"{CONFIG_FILE}: missing")
         return None
-    data = _read_json(path, problems)
+    data = read_json(path, problems)
     if data is None:
         return None
     try:
@@ -195,10 +204,10 @@ def _read_data(path: Path, dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
         return tensors
 
 
-def _read_tensors(directory: Path, problems: list[str]) -> dict[str, torch.Tensor] | None:
-    path = directory / WEIGHTS_FILE
+def read_safetensors(path: Path, problems: list[str]) -> dict[str, torch.Tensor] | None:
+    """Every tensor of the safetensors file `path`, or None after recording why not."""
     if not path.is_file():
-        problems.append(f"{WEIGHTS_FILE}: missing")
+        problems.append(f"{path.name}: missing")
         return None
     try:
         reason = _header_problem(path)
@@ -208,11 +217,11 @@ def _read_tensors(directory: Path, problems: list[str]) -> dict[str, torch.Tenso
             return _read_data(path, dtypes)
     except Exception as e:  # safetensors raises its own error types for corrupt files
         reason = f"{type(e).__name__}: {e}"
-    problems.append(f"{WEIGHTS_FILE}: cannot be read ({reason})")
+    problems.append(f"{path.name}: cannot be read ({reason})")
     return None
 
 
-def _read_tokenizer(directory: Path, problems: list[str]) -> Tokenizer | None:
+def read_tokenizer(directory: Path, problems: list[str]) -> Tokenizer | None:
     path = directory / TOKENIZER_FILE
     if not path.is_file():
         problems.append(f"{TOKENIZER_FILE}: missing")
@@ -222,6 +231,25 @@ def _read_tokenizer(directory: Path, problems: list[str]) -> Tokenizer | None:
     except Exception as e:  # tokenizers raises a bare Exception for any parse error
         problems.append(f"{TOKENIZER_FILE}: cannot be read by tokenizers ({e})")
         return None
+
+
+def read_tokenizer_config(directory: Path, problems: list[str]) -> dict:
+    """tokenizer_config.json (empty when absent); a chat_template.jinja file beside it is the
+    chat template, as transformers writes it. A list of named templates yields the "default"."""
+    path = directory / TOKENIZER_CONFIG_FILE
+    data = read_json(path, problems) or {}
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        try:
+            data["chat_template"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"{CHAT_TEMPLATE_FILE}: cannot be read ({e})")
+    template = data.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = data["chat_template"] = named.get("default")
+    if template is not None and not isinstance(template, str):
+        problems.append(f"{TOKENIZER_CONFIG_FILE}: chat_template must be a string, got {type(template).__name__}")
+    return data
 
 
 # ---- validation ----------------------------------------------------------------------------
@@ -304,7 +332,7 @@ def _tensor_problems(config: BitSkipConfig, tensors: dict[str, torch.Tensor]) ->
     return problems
 
 
-def _generation_problems(gen: dict, vocab_size: int | None) -> list[str]:
+def generation_problems(gen: dict, vocab_size: int | None) -> list[str]:
     """bos/eos ids must be token ids of the model (any non-negative int without a config)."""
     problems = []
     top = "" if vocab_size is None else f" in 0..{vocab_size - 1}"
@@ -334,17 +362,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(directory, [f"{directory}: directory does not exist"])
     if not directory.is_dir():
         raise CheckpointError(directory, [f"{directory}: is not a directory"])
+    from .hf_bitnet import is_bitnet_config, load_bitnet_checkpoint  # it builds on this module
     problems: list[str] = []
+    if (directory / CONFIG_FILE).is_file() and is_bitnet_config(read_json(directory / CONFIG_FILE, [])):
+        return load_bitnet_checkpoint(directory)
     config = _read_config(directory, problems)
-    tensors = _read_tensors(directory, problems)
+    tensors = read_safetensors(directory / WEIGHTS_FILE, problems)
+    tokenizer_config = read_tokenizer_config(directory, problems)
     generation = {}
     if (directory / GENERATION_FILE).exists():
-        generation = _read_json(directory / GENERATION_FILE, problems) or {}
-        problems += _generation_problems(generation, config.vocab_size if config else None)
+        generation = read_json(directory / GENERATION_FILE, problems) or {}
+        problems += generation_problems(generation, config.vocab_size if config else None)
     # Imported checkpoints may come without a tokenizer: then they serve token ids only.
     tokenizer = None
     if not (generation.get("token_ids_only") is True and not (directory / TOKENIZER_FILE).exists()):
-        tokenizer = _read_tokenizer(directory, problems)
+        tokenizer = read_tokenizer(directory, problems)
     if tensors is not None:
         if config is not None:
             problems += _config_hints(config, tensors) + _tensor_problems(config, tensors)
@@ -356,7 +388,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if problems:
         raise CheckpointError(directory, problems)
     tensors = {n: _normalise(n, t) for n, t in tensors.items()}
-    return Checkpoint(directory, config, tensors, tokenizer, generation)
+    return Checkpoint(directory, config, tensors, tokenizer, generation, tokenizer_config)
 
 
 def _normalise(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -366,10 +398,12 @@ def _normalise(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def save_checkpoint(path: str | Path, config: BitSkipConfig, tensors: dict[str, torch.Tensor],
-                    tokenizer: Tokenizer | None, generation_config: dict | None = None) -> Path:
+                    tokenizer: Tokenizer | None, generation_config: dict | None = None,
+                    tokenizer_config: dict | None = None) -> Path:
     """Write a checkpoint directory (created if needed) that `load_checkpoint` reads back.
 
-    A tied lm_head is not written; generation_config.json is written only when given.
+    A tied lm_head is not written; generation_config.json and tokenizer_config.json are written
+    only when given.
     """
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
@@ -382,6 +416,8 @@ def save_checkpoint(path: str | Path, config: BitSkipConfig, tensors: dict[str, 
         tokenizer.save(str(directory / TOKENIZER_FILE))
     if generation_config is not None:
         (directory / GENERATION_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
+    if tokenizer_config:
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     return directory
 
 
@@ -430,9 +466,10 @@ def load_reference_model(ckpt: Checkpoint | str | Path) -> BitSkipForCausalLM:
 
 
 def pack_checkpoint(src: str | Path, dst: str | Path) -> Checkpoint:
-    """Validate `src`, pack its projections, write to `dst` with the same tokenizer and
-    generation config, and return the validated packed checkpoint read back from `dst`."""
+    """Validate `src` (native, or a Hugging Face BitNet directory), pack its projections, write
+    the native format to `dst` with the same tokenizer, generation config and tokenizer config,
+    and return the validated packed checkpoint read back from `dst`."""
     ckpt = load_checkpoint(src)
     save_checkpoint(dst, ckpt.config, pack_state(ckpt.tensors, ckpt.config), ckpt.tokenizer,
-                    ckpt.generation_config or None)
+                    ckpt.generation_config or None, ckpt.tokenizer_config or None)
     return load_checkpoint(dst)

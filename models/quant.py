@@ -44,10 +44,19 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
     return w.detach().double().abs().mean().float().clamp_min(EPS)
 
 
-def ternarize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent weight -> (ternary codes in {-1, 0, 1} as float32, gamma)."""
+def ternarize(w: torch.Tensor, rule: str = "divide") -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent weight -> (ternary codes in {-1, 0, 1} as float32, gamma).
+
+    rule "divide" is DESIGN's round(W / gamma); "reciprocal" is BitNet b1.58's own
+    round(W * (1 / gamma)) (its training code and transformers), used for that format. The two
+    differ only where W / gamma lands within a rounding error of +-0.5.
+    """
     w = w.float()
     gamma = weight_scale(w)
+    if rule == "reciprocal":
+        return round_clamp(w * (1.0 / gamma), -1.0, 1.0), gamma
+    if rule != "divide":
+        raise ValueError(f"rule must be 'divide' or 'reciprocal', got {rule!r}")
     return round_clamp(w / gamma, -1.0, 1.0), gamma
 
 
