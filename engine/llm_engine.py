@@ -100,13 +100,29 @@ class LLMEngine:
             out["eos_token"] = self.tokenizer.id_to_token(min(self.eos_ids))
         return out
 
-    def confidence_rule(self, threshold: float, min_exit_layer: int = 1,
-                        measure: str = "probability") -> ConfidenceRule:
-        """The confidence policy over this model's exit points; ValueError names a bad field."""
+    def confidence_rule(self, threshold: float, min_exit_layer: int | None = None,
+                        measure: str = "probability",
+                        exit_points: list[int] | None = None) -> ConfidenceRule:
+        """The confidence policy over `exit_points` (default: the model's); ValueError names a
+        bad field. A model that declares no exit points (it was not trained for early exit, like
+        a plain BitNet) gets the policy only when asked explicitly: with `exit_points`, or with
+        `min_exit_layer`, which then makes every layer from it up an exit point."""
         L = self.model_config.num_hidden_layers
-        if type(min_exit_layer) is not int or not 1 <= min_exit_layer <= L:
+        if min_exit_layer is not None and (type(min_exit_layer) is not int or not 1 <= min_exit_layer <= L):
             raise ValueError(f"min_exit_layer must be in 1..{L}, got {min_exit_layer!r}")
-        return ConfidenceRule(threshold, self.model_config.exit_points, min_exit_layer, measure)
+        if exit_points is not None:
+            if any(type(p) is not int or not 1 <= p < L for p in exit_points):
+                raise ValueError(f"exit_points must be layers in 1..{L - 1}, got {list(exit_points)}")
+            points = tuple(sorted(set(exit_points)))
+        elif self.model_config.exit_points:
+            points = self.model_config.exit_points
+        elif min_exit_layer is not None:
+            points = tuple(range(min_exit_layer, L))
+        else:
+            raise ValueError("exit_points: this model declares no exit points (it was not trained for "
+                             "early exit), so the confidence policy needs exit_points (layers in "
+                             f"1..{L - 1}) or min_exit_layer given explicitly")
+        return ConfidenceRule(threshold, points, min_exit_layer or 1, measure)
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
                          exit_layer: int | None = None, confidence: ConfidenceRule | None = None) -> Sequence:

@@ -133,7 +133,8 @@ def bitnet_config(data: dict, problems: list[str]) -> tuple[BitSkipConfig | None
 # ---- weights: one file or shards -----------------------------------------------------------
 
 def _read_weights(directory: Path, problems: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors, and the file each came from."""
+    """All tensors, and the file each came from (or, for a tensor the index places in a shard
+    that is missing or lacks it, where the problem was already reported)."""
     index_path = directory / INDEX_FILE
     if not index_path.is_file():
         if not (directory / WEIGHTS_FILE).is_file() and (directory / "pytorch_model.bin").is_file():
@@ -154,6 +155,7 @@ def _read_weights(directory: Path, problems: list[str]) -> tuple[dict[str, torch
         if Path(shard).name != shard:
             problems.append(f"{INDEX_FILE}: shard {shard!r} is not a file name in the model directory")
             continue
+        origin.update(dict.fromkeys(listed, shard))
         if not path.is_file():
             problems.append(f"{shard}: missing ({INDEX_FILE} lists {len(listed)} tensors in it)")
             continue
@@ -165,7 +167,7 @@ def _read_weights(directory: Path, problems: list[str]) -> tuple[dict[str, torch
         problems += [f"{shard}: holds tensor '{n}' that {INDEX_FILE} places in "
                      f"{weight_map.get(n, 'no shard')}" for n in sorted(held.keys() - listed)]
         for n in listed & held.keys():
-            tensors[n], origin[n] = held[n], shard
+            tensors[n] = held[n]
     return tensors, origin
 
 
@@ -238,7 +240,8 @@ def _native_tensors(config: BitSkipConfig, quant: Quantization, tensors: dict[st
         t = tensors.get(name)
         used.add(name)
         if t is None:
-            problems.append(f"{missing_in}: missing tensor '{name}'")
+            if name not in origin:  # else its shard's problem is already reported
+                problems.append(f"{missing_in}: missing tensor '{name}'")
         elif tuple(t.shape) != shape or t.dtype not in dtypes:
             problems.append(f"{origin[name]}: tensor '{name}' is {str(t.dtype).removeprefix('torch.')} "
                             f"{list(t.shape)}, expected a float tensor of shape {list(shape)}")
@@ -252,7 +255,8 @@ def _native_tensors(config: BitSkipConfig, quant: Quantization, tensors: dict[st
             weight, scale = tensors.get(f"{prefix}.weight"), tensors.get(f"{prefix}.weight_scale")
             used |= {f"{prefix}.weight", f"{prefix}.weight_scale"}
             if weight is None:
-                problems.append(f"{missing_in}: missing tensor '{prefix}.weight'")
+                if f"{prefix}.weight" not in origin:
+                    problems.append(f"{missing_in}: missing tensor '{prefix}.weight'")
                 continue
             found = _projection_problems(prefix, origin[f"{prefix}.weight"], weight, scale, shape, quant)
             problems += found

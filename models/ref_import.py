@@ -5,6 +5,7 @@ math is changed to look like the native model (CHECKPOINTS.md)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .bitskip_ref import RefCheckpoint, RefCheckpointError, RefConfig, load_ref_
 from .checkpoint import (CONFIG_FILE, GENERATION_FILE, Checkpoint, CheckpointError, load_checkpoint,
                          save_checkpoint)
 from .config import BitSkipConfig, ConfigError
+from .hf_bitnet import is_bitnet_config
 from .packing import pack_ternary
 
 log = logging.getLogger("bitskip.import")
@@ -131,9 +133,11 @@ def is_ref_checkpoint(path: str | Path) -> bool:
 
 
 def _is_native_config(path: Path) -> bool:
+    """A config.json that load_checkpoint reads: ours, or a Hugging Face BitNet one."""
     try:
-        return '"format_version"' in path.read_text(encoding="utf-8")
-    except OSError:
+        text = path.read_text(encoding="utf-8")
+        return '"format_version"' in text or is_bitnet_config(json.loads(text))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
 
 

@@ -126,8 +126,12 @@ class Server:
                     422, f"exit_layer={body.exit_layer!r} applies to policy 'fixed' only: the confidence "
                          "policy takes threshold, min_exit_layer and confidence_measure", param="exit_layer"))
             self.check_exit_layer(body.min_exit_layer, "min_exit_layer")
-            confidence = self.engine.confidence_rule(body.threshold, body.min_exit_layer,
-                                                     body.confidence_measure)
+            explicit_min = body.min_exit_layer if "min_exit_layer" in body.model_fields_set else None
+            try:
+                confidence = self.engine.confidence_rule(body.threshold, explicit_min,
+                                                         body.confidence_measure, body.exit_points)
+            except ValueError as e:
+                raise self.reject("validation", APIError(422, str(e), param="exit_points")) from None
         else:
             exit_layer = self.check_exit_layer(body.exit_layer)
         v = self.config.vocab_size

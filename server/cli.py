@@ -13,7 +13,8 @@ from pathlib import Path
 
 from models.checkpoint import CheckpointError, load_checkpoint, pack_checkpoint
 from models.config import PRESETS, VARIANTS, ConfigError, preset
-from models.ref_import import NON_CAUSAL_WARNING, RefCheckpointError, convert_ref_checkpoint, load_model
+from models.ref_import import (NON_CAUSAL_WARNING, RefCheckpointError, convert_ref_checkpoint, is_ref_checkpoint,
+                               load_model)
 
 
 def _exit_layers(text: str) -> list[int]:
@@ -59,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", type=Path)
     s.add_argument("dst", type=Path)
 
-    s = sub.add_parser("convert", help="convert a checkpoint of another format into ours")
-    s.add_argument("--from", dest="source_format", required=True, choices=["bitskip-ref"],
-                   help="bitskip-ref: model_full.pt, model.safetensors or a wrapper .pt of the public "
-                        "BitSkip training code")
+    s = sub.add_parser("convert", help="convert a checkpoint of another format into ours (packed)")
+    s.add_argument("--from", dest="source_format", default="auto", choices=["auto", "bitskip-ref"],
+                   help="auto (default): detected from the files (a Hugging Face BitNet directory, the "
+                        "public BitSkip training code's files, or ours); bitskip-ref: model_full.pt, "
+                        "model.safetensors or a wrapper .pt of the public BitSkip training code")
     _model_source(s)
     s.add_argument("src", type=Path)
     s.add_argument("dst", type=Path)
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[])
     s.add_argument("--threshold", type=float, default=None,
                    help="confidence policy: each token exits at the first exit point this sure")
-    s.add_argument("--min-exit-layer", type=int, default=1)
+    s.add_argument("--min-exit-layer", type=int, default=None)
+    s.add_argument("--exit-points", type=_exit_layers, default=None,
+                   help="confidence policy: layers it may stop at (default: the model's exit points)")
     _add_device_args(s, eager=True)
     s.add_argument("prompt")
 
@@ -149,6 +153,10 @@ def cmd_pack(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    if args.source_format == "auto" and not is_ref_checkpoint(args.src):
+        ckpt = pack_checkpoint(args.src, args.dst)  # a Hugging Face BitNet directory, or ours
+        print(f"converted {args.src} -> {args.dst} ({ckpt.config.num_hidden_layers} layers, {ckpt.form})")
+        return
     ckpt = convert_ref_checkpoint(args.src, args.dst, args.tokenizer, args.generation)
     c = ckpt.config
     print(f"converted {args.src} -> {args.dst} ({c.num_hidden_layers} layers, "
@@ -164,7 +172,7 @@ def cmd_generate(args) -> None:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     confidence = None
     if args.threshold is not None:
-        confidence = engine.confidence_rule(args.threshold, args.min_exit_layer)
+        confidence = engine.confidence_rule(args.threshold, args.min_exit_layer, exit_points=args.exit_points)
     t0 = time.perf_counter()
     seq = engine.add_request(engine.encode(args.prompt), params, args.exit_layer, confidence=confidence)
     while engine.has_unfinished():

@@ -31,6 +31,7 @@ class SamplingFields(BaseModel):
     exit_layer: int | None = None
     threshold: float = Field(0.9, ge=0.0, le=1.0)
     min_exit_layer: int = 1
+    exit_points: list[int] | None = None  # confidence policy: default the model's exit points
     confidence_measure: Literal["probability", "margin"] = "probability"
 
     @property

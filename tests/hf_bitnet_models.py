@@ -27,6 +27,7 @@ FORMS = {
                               "quantization_mode": "online"}, True, "60KB"),
 }
 BOS_ID, EOS_ID = 256, 257  # the byte-level tokenizer's
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}"
 
 
 def _transformers():
@@ -70,6 +71,7 @@ def write_hf_bitnet(path: Path, form: str, seed: int = 0, **overrides) -> Path:
     quant, _, shard = FORMS[form]
     model.save_pretrained(path, max_shard_size=shard or "50GB")
     byte_level_tokenizer().save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     if quant["quantization_mode"] == "offline":
         weights = path / "model.safetensors"
         tensors = load_file(weights)
