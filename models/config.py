@@ -264,6 +264,13 @@ PRESETS: dict[str, BitSkipConfig] = {
         vocab_size=50257, hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
         num_key_value_heads=8, intermediate_size=4096, max_position_embeddings=512,
         exit_points=default_exit_points(24)),
+    # The dimensions of Microsoft's BitNet b1.58 2B-4T (random weights: a scale check). Not
+    # trained for early exit, so no exit points.
+    "bitnet-2b": BitSkipConfig(
+        vocab_size=128256, hidden_size=2560, num_hidden_layers=30, num_attention_heads=20,
+        num_key_value_heads=5, intermediate_size=6912, max_position_embeddings=4096,
+        rope_theta=500000.0, tie_word_embeddings=True, hidden_act="relu2", attn_sub_norm=True,
+        ffn_sub_norm=True),
 }
 
 

@@ -111,11 +111,6 @@ def bitnet_config(data: dict, problems: list[str]) -> tuple[BitSkipConfig | None
         return None, quant
     fields = {k: data[k] for k in _REQUIRED}
     fields.update({k: data.get(k, default) for k, default in _HF_DEFAULTS.items() if k != "rope_theta"})
-    if fields["hidden_act"] not in ("relu2", "silu"):
-        # Named here, beside the field, so the message says what this format allows.
-        problems.append(f"{CONFIG_FILE}: hidden_act {fields['hidden_act']!r} is not supported "
-                        f"(relu2 or silu)")
-        return None, quant
     try:
         config = BitSkipConfig(
             **fields, num_key_value_heads=data.get("num_key_value_heads") or heads,

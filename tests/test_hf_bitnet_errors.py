@@ -66,7 +66,7 @@ def test_shard_that_disagrees_with_the_index(copy):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"hidden_act": "gelu"}, "config.json: hidden_act 'gelu' is not supported (relu2 or silu)"),
+    ({"hidden_act": "gelu"}, "config.json: hidden_act must be one of ['silu', 'relu2'], got 'gelu'"),
     ({"quantization_config": {"quant_method": "bitnet", "linear_class": "fastlinear"}},
      "config.json: quantization_config.linear_class must be one of ['bitlinear', 'autobitlinear'], got 'fastlinear'"),
     ({"quantization_config": {"quant_method": "bitnet", "use_rms_norm": True}},
