@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("BITSKIP_TRITON_AUTOTUNE", "0")
 
-from conftest import reference_model, write_packed  # noqa: E402
+from conftest import BITNET_BLOCK, reference_model, write_packed  # noqa: E402
 from test_confidence import sure_model  # noqa: E402
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from engine.backends import make_backend  # noqa: E402
@@ -42,9 +42,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.cpu() - b.cpu()).abs().max() / b.cpu().abs().max())
 
 
-@pytest.fixture(scope="module", params=["v1", "v2", "v3"])
+@pytest.fixture(scope="module", params=["v1", "v2", "v3", "v1-bitnet-block"])
 def ckpt(request, tmp_path_factory):
-    return write_packed(reference_model(request.param), tmp_path_factory.mktemp(request.param))
+    """Each variant, and the BitNet block's architecture options (relu2, sub-norms, tied head)."""
+    variant, _, arch = request.param.partition("-")
+    model = reference_model(variant, **(BITNET_BLOCK if arch else {}))
+    return write_packed(model, tmp_path_factory.mktemp(request.param))
 
 
 def engines(ckpt, **kw):
