@@ -8,6 +8,9 @@
 # the project's `torch>=2.4` never re-downloads it). CPU: python:3.11-slim plus the CPU-only torch
 # wheel from the PyTorch CPU index (TORCH_INDEX_URL; the build machine must reach it).
 #
+# `bitskip serve` picks its device itself (--device auto): the GPU image's torch brings Triton, so
+# with a GPU visible it serves through the Triton kernels and CUDA graphs, else from the CPU.
+#
 # Runs `bitskip serve --host 0.0.0.0` on port 8000 as the non-root user `bitskip`. Without
 # BITSKIP_MODEL (or --model) it serves the bundled default model; other checkpoints go in the
 # /models volume: docker run -v "$PWD/ckpt:/models:ro" -e BITSKIP_MODEL=/models/my-model ...

@@ -11,7 +11,6 @@ and writes JSON (default bench/out/decode-<name>.json).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import git_commit  # bench/ is the script's directory, first on sys.path
+from common import git_commit, write_json  # bench/ is the script's directory, first on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -110,10 +109,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
     }
-    out = args.json or Path(__file__).parent / "out" / f"decode-{name}-b{args.batch}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.json or Path(__file__).parent / "out" / f"decode-{name}-b{args.batch}.json")
 
 
 if __name__ == "__main__":

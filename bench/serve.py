@@ -76,9 +76,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_batch: int) -> subprocess.Popen:
+def start_server(model: str | None, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -105,6 +105,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt", default="The meaning of an early exit is")
     ap.add_argument("--exit-layers", default="", help="comma-separated exit layers to rotate (default: full)")
+    ap.add_argument("--serve-args", default="", help="more arguments for the started server, e.g. "
+                    "'--device cpu --backend triton'")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "serve.json")
     args = ap.parse_args()
 
@@ -115,7 +117,7 @@ def main() -> None:
     url = args.url
     if url is None:
         port = free_port()
-        proc = start_server(args.model, port, max(levels))
+        proc = start_server(args.model, port, max(levels), args.serve_args.split())
         url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(run_level(url, 1, 1, body, exit_layers))  # warm-up

@@ -120,3 +120,16 @@ def test_confidence_policy_gives_the_same_tokens_and_exits(tmp_path):
         results.append((seq.output_ids, seq.exit_layers, engine.runner.deferred_fills))
     assert results[0] == results[1]
     assert len(set(results[0][1])) > 1, f"test needs mixed exits, got {results[0][1]}"
+
+
+def test_sampling_on_the_device_is_seeded_and_takes_penalties_and_logprobs(tmp_path):
+    ckpt = write_packed(reference_model("v1"), tmp_path / "v1")
+    params = SamplingParams(max_tokens=3, temperature=0.8, top_k=50, seed=5, repetition_penalty=1.3,
+                            logprobs=2, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        _, gpu = engines(ckpt)
+        with guarded():
+            seq = gpu.generate([[4, 5, 6]], params)[0]
+        runs.append((seq.output_ids, [lp.logprob for lp in seq.logprobs]))
+    assert runs[0] == runs[1] and len(runs[0][0]) == 3 and len(runs[0][1]) == 3

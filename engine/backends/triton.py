@@ -43,7 +43,9 @@ class TritonBackend:
         return CudaTernaryLinear(parts, activation_bits, hadamard, device=self.device)
 
     def norm_project(self, proj, x, norm, eps):
-        return proj(x, norm_weight=norm, eps=eps)
+        if isinstance(proj, CudaTernaryLinear):  # the norm fused into the quantize kernel
+            return proj(x, norm_weight=norm, eps=eps)
+        return proj(rms_norm(x, norm, eps))      # wrapped projections (engine/projection.py)
 
     def head(self, h, norm, lm_head, eps):
         return self._attn.head_matmul(rms_norm(h, norm, eps), lm_head)
