@@ -9,12 +9,13 @@ come back through each request's asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from .exit_policy import ConfidenceRule
 from .llm_engine import LLMEngine, StepOutput
@@ -69,6 +70,7 @@ class AsyncEngine:
         self._stopping = threading.Event()
         self._admitting = True
         self._pending = 0            # submitted but not yet handed to the engine
+        self._stop_error = EngineStopped("the server shut down before the request finished")
         self.last_heartbeat = 0.0    # when the loop last went round (for /ready)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -78,13 +80,16 @@ class AsyncEngine:
         self._thread.start()
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
-        """Stop admitting, let running requests finish (up to `drain_timeout`), then stop."""
+        """Stop admitting, let running requests finish (up to `drain_timeout`), then stop; the
+        requests still running then end with EngineStopped. A second call returns at once."""
         self._admitting = False
         deadline = time.monotonic() + drain_timeout
         while (self._streams or self._pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for stream in list(self._streams.values()):
-            self._commands.put(lambda s=stream.seq: self._abort(s))
+        if self._stopping.is_set():
+            return
+        self._stop_error = EngineStopped(
+            f"the server shut down before the request finished (drain timeout {drain_timeout:g}s)")
         self._stopping.set()
         self._commands.put(lambda: None)
         if self._thread:
@@ -106,11 +111,18 @@ class AsyncEngine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, exit_layer: int | None = None,
                confidence: ConfidenceRule | None = None) -> RequestStream:
         """Queue a request. Raises ValueError (bad request), QueueFull or EngineStopped."""
+        return self._enqueue(lambda: self.engine.validate_request(prompt_ids, params, exit_layer, confidence))
+
+    def submit_scoring(self, ids: list[int], exit_layers: list[int]) -> RequestStream:
+        """Queue a perplexity request; its one output (finished) comes when every window has run."""
+        return self._enqueue(lambda: self.engine.validate_scoring(ids, exit_layers))
+
+    def _enqueue(self, validate: Callable[[], Sequence]) -> RequestStream:
         if not self._admitting or not self.alive:
             raise EngineStopped("the server is shutting down")
         if self.num_waiting >= self.max_queue:
             raise QueueFull(f"{self.num_waiting} requests are waiting (limit {self.max_queue})")
-        seq = self.engine.validate_request(prompt_ids, params, exit_layer, confidence)
+        seq = validate()
         stream = RequestStream(seq)
         self._pending += 1
 
@@ -124,20 +136,6 @@ class AsyncEngine:
     def abort(self, stream: RequestStream) -> None:
         """Abort a request (for example, its client went away); its KV is freed at once."""
         self._commands.put(lambda: self._abort(stream.seq))
-
-    async def run_job(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the loop thread between steps (work that uses the model directly)."""
-        future = self._loop.create_future()
-
-        def job():
-            try:
-                result = fn()
-            except Exception as e:  # handed to the awaiting request, the loop goes on
-                self._loop.call_soon_threadsafe(_set_exception, future, e)
-            else:
-                self._loop.call_soon_threadsafe(_set_result, future, result)
-        self._commands.put(job)
-        return await future
 
     # ---- the loop thread -------------------------------------------------------------------
     def _run(self) -> None:
@@ -165,6 +163,12 @@ class AsyncEngine:
                 self.on_step(outputs, time.perf_counter() - t0)
             for out in outputs:
                 self._deliver(out.seq, out)
+        # Commands queued before the stop (aborts, late admissions) run; whatever is still
+        # unfinished then ends with an error its client sees (a 503 or a stream's error event).
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._commands.get_nowait()()
+        self._fail(list(self._streams), self._stop_error)
         log.info("engine loop stopped")
 
     def _deliver(self, seq: Sequence, item) -> None:
@@ -184,18 +188,12 @@ class AsyncEngine:
             self._deliver(seq, StepOutput(seq, None, "", True))
 
     def _fail(self, seqs: list[Sequence], error: Exception) -> None:
+        """End `seqs` with `error` (EngineStopped as it is, anything else as RequestFailed)."""
+        if not isinstance(error, EngineStopped):
+            error = RequestFailed(f"{type(error).__name__}: {error}")
         for seq in seqs:
             if not seq.finished:
                 seq.finish_reason = "error"
                 self.engine.abort(seq, reason="error")
-            self._deliver(seq, RequestFailed(f"{type(error).__name__}: {error}"))
+            self._deliver(seq, error)
 
-
-def _set_result(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)

@@ -3,6 +3,7 @@ positions of one layer, so a request that exits at layer k holds blocks for laye
 
 from __future__ import annotations
 
+import os
 from collections import deque
 
 import torch
@@ -24,11 +25,26 @@ class SequenceKV:
         return sum(len(t) for t in self.tables)
 
 
+def _check_fits(nbytes: int, num_blocks: int, device: torch.device) -> None:
+    """Refuse, in one sentence, a cache larger than the device's memory (a config with a huge
+    max_position_embeddings), rather than fail inside the allocator."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if nbytes > total:
+        raise ValueError(f"the KV cache would need {nbytes / 2**30:,.1f} GiB ({num_blocks:,} blocks) and the "
+                         f"{device.type} has {total / 2**30:,.1f} GiB: lower max_position_embeddings in the "
+                         "model's config.json, or the number of sequences (--max-batch)")
+
+
 class KVCache:
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
+        _check_fits(2 * (num_blocks + 1) * block_size * num_kv_heads * head_dim * dtype.itemsize, num_blocks,
+                    self.device)
         # Zero-filled so padded reads are finite (their attention weight is exactly 0). One block
         # past the pool is never handed out: padding rows of static decode steps write there.
         self.k = torch.zeros((num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)

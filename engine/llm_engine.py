@@ -18,7 +18,7 @@ from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
 from .logprobs import logprobs_of, record_prompt_logprobs
 from .model_runner import ModelRunner, Row
-from .device_sampler import sample_batch
+from .perplexity import PerplexityResult, Scoring
 from .sampler import adjust_logits, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
@@ -158,9 +158,26 @@ class LLMEngine:
                 raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
         return Sequence(list(prompt_ids), params, exit_layer, confidence)
 
+    def validate_scoring(self, ids: list[int], exit_layers: list[int]) -> Sequence:
+        """A perplexity request as a Sequence: its windows run as prompt chunks at the deepest
+        requested exit, scheduled like prefill. ValueError names a bad field."""
+        mc = self.model_config
+        bad = [k for k in exit_layers if type(k) is not int or not 1 <= k <= mc.num_hidden_layers]
+        if bad or not exit_layers:
+            raise ValueError(f"exit_layers must be in 1..{mc.num_hidden_layers}, got {bad[:5] or exit_layers}")
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < mc.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in 0..{mc.vocab_size - 1}, got {bad[:5]}")
+        scoring = Scoring(list(ids), exit_layers, mc.max_position_embeddings)
+        window = scoring.window_ids()
+        if self.kv_cache.blocks_needed(SequenceKV(), scoring.depth, len(window)) > self.kv_cache.num_blocks:
+            raise ValueError(f"a {len(window)}-token window needs more KV blocks than the cache has")
+        return Sequence(window, SamplingParams(max_tokens=1), scoring.depth, scoring=scoring)
+
     def add_sequence(self, seq: Sequence) -> None:
         """Queue a validated sequence; it joins the running batch at the next step."""
-        self._detokenizers[seq] = Detokenizer(self.tokenizer, seq.params.stop)
+        if seq.scoring is None:
+            self._detokenizers[seq] = Detokenizer(self.tokenizer, seq.params.stop)
         self.scheduler.add(seq)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
@@ -197,6 +214,7 @@ class LLMEngine:
         computed = [r for r in rows if r is not None]
         results = iter(self.runner.forward(computed) if computed else [])
         drawn = []  # (sequence, logits of its next token, exit layer)
+        outputs = []
         for (seq, n), row in zip(batch, rows):
             seq.num_computed += n
             if row is None:
@@ -207,9 +225,15 @@ class LLMEngine:
             if seq.wants_prompt_logprobs:
                 record_prompt_logprobs(seq.prompt_logprobs, seq.prompt_ids, row.start,
                                        res.logits[res.exit_layer], seq.params.prompt_logprobs, res.exit_layer)
-            if seq.num_computed == seq.num_tokens:
+            if seq.scoring is not None:  # a perplexity request: every chunk is scored
+                try:
+                    if (out := self._score_chunk(seq, res.logits)) is not None:
+                        outputs.append(out)
+                except Exception as e:  # one request's failure must not end the others
+                    self.abort(seq, reason="error")
+                    outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
+            elif seq.num_computed == seq.num_tokens:
                 drawn.append((seq, res.logits[res.exit_layer][-1], res.exit_layer))
-        outputs = []
         for (seq, logits, exit_layer), token in zip(drawn, self._sample(drawn)):
             try:
                 if isinstance(token, Exception):
@@ -219,6 +243,22 @@ class LLMEngine:
                 self.abort(seq, reason="error")
                 outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
         return outputs
+
+    def _score_chunk(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> StepOutput | None:
+        """Add a scoring row's predictions (the latest chunk; without a causal mask, the whole
+        window); at the end of a window start the next one (its KV freed, recomputed from its
+        tokens), after the last one finish the request."""
+        scoring = seq.scoring
+        scoring.add(seq.num_computed - logits[scoring.depth].shape[0], logits)
+        if seq.num_computed < seq.num_tokens:
+            return None
+        if scoring.next_window():
+            self.kv_cache.release(seq.kv)
+            seq.prompt_ids, seq.num_computed = scoring.window_ids(), 0
+            return None
+        seq.finish_reason = "stop"
+        self._finish(seq)
+        return StepOutput(seq, None, "", True)
 
     def _stop_ids(self, seq: Sequence) -> set[int]:
         p = seq.params
@@ -259,11 +299,17 @@ class LLMEngine:
         before that run to the shallowest depth a token could leave at (their deeper KV is filled
         later if a token goes deeper). Prompt logprobs of a confidence request come from full
         depth, and so does its first token (the chunk that scores the prompt's end produces it).
+        A perplexity request's row wants logits at every position of every requested exit.
 
         A model without a causal mask has no KV cache to fill (a later token changes every
         earlier position): once the tokens are complete, the whole sequence is recomputed."""
         completes = seq.num_computed + n == seq.num_tokens
         depth = seq.exit_layer
+        if seq.scoring is not None:
+            heads = seq.scoring.heads
+            if not self.model_config.causal:
+                return Row(seq.all_ids, 0, depth, None, heads) if completes else None
+            return Row(seq.all_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, depth, seq.kv, heads)
         scoring = seq.wants_prompt_logprobs
         if not self.model_config.causal:
             if not completes:
@@ -317,4 +363,14 @@ class LLMEngine:
         while self.has_unfinished():
             self.step()
         return seqs
+
+    def perplexity(self, ids: list[int], exit_layers: list[int]) -> PerplexityResult:
+        """Score `ids` through the scheduler (as the server does) and return the result."""
+        seq = self.validate_scoring(ids, exit_layers)
+        self.add_sequence(seq)
+        while self.has_unfinished():
+            self.step()
+        if seq.finish_reason != "stop":
+            raise RuntimeError(f"scoring ended with {seq.finish_reason}")
+        return seq.scoring.result()
 

@@ -1,10 +1,15 @@
-"""Perplexity at several exit layers from one forward pass.
+"""Perplexity at several exit layers.
 
 Token ids are used as given (DESIGN section 5): the first id is context only and ids 2..n are
 scored. Windows: a text that fits the context C is one window. A longer one is scored in windows
 of C tokens that advance by C/2: the first window scores all its predictions, each later window
 scores only its last C/2 (those not scored before), so every prediction is scored exactly once
 and, after the first window, sees at least C/2 tokens of context.
+
+`Scoring` is one request's state. The engine runs its windows as prompt chunks through the
+scheduler (under the per-step token budget, beside other requests' decodes) and hands it each
+chunk's logits; `perplexity()` runs each window in one forward, offline. Either way every
+prediction is added once, however the windows are cut into chunks or restarted.
 """
 
 from __future__ import annotations
@@ -39,22 +44,63 @@ def windows(num_ids: int, context: int) -> list[tuple[int, int, int]]:
     return out
 
 
+class Scoring:
+    """Token-weighted NLL of next-token predictions at each exit layer, window by window; each
+    block runs once per window position and the shared head is applied at every requested exit."""
+
+    def __init__(self, ids: list[int], exit_layers: list[int], context: int):
+        if len(ids) < 2:
+            raise ValueError("perplexity needs at least 2 tokens (the first is context only)")
+        self.ids = ids
+        self.layers = sorted(set(exit_layers))
+        self.windows = windows(len(ids), context)
+        self.window = 0          # the window running now
+        self.next_target = 1     # ids before this index are scored
+        self.total = {k: 0.0 for k in self.layers}
+
+    @property
+    def depth(self) -> int:
+        return self.layers[-1]
+
+    @property
+    def heads(self) -> dict[int, str]:
+        return {k: "all" for k in self.layers}
+
+    def window_ids(self) -> list[int]:
+        start, end, _ = self.windows[self.window]
+        return self.ids[start:end]
+
+    def add(self, offset: int, logits: dict[int, torch.Tensor]) -> None:
+        """Logits of the current window's positions offset, offset + 1, ... (row i predicts
+        window token offset + i + 1). Predictions scored before are skipped."""
+        start, end, first = self.windows[self.window]
+        n = logits[self.depth].shape[0]
+        lo = max(self.next_target, first, start + offset + 1)  # targets, as indices into ids
+        hi = min(end, start + offset + n + 1)
+        if hi <= lo:
+            return
+        targets = torch.tensor(self.ids[lo:hi], device=logits[self.depth].device)
+        rows = slice(lo - 1 - start - offset, hi - 1 - start - offset)
+        for k in self.layers:
+            logp = torch.log_softmax(logits[k][rows].double(), dim=-1)
+            self.total[k] += float(-logp.gather(1, targets[:, None]).sum())
+        self.next_target = hi
+
+    def next_window(self) -> bool:
+        """Move on to the next window; False when every window has run."""
+        self.window += 1
+        return self.window < len(self.windows)
+
+    def result(self) -> PerplexityResult:
+        scored = self.next_target - 1
+        return PerplexityResult(scored, {k: self.total[k] / scored for k in self.layers})
+
+
 def perplexity(runner: ModelRunner, ids: list[int], exit_layers: list[int]) -> PerplexityResult:
-    """Token-weighted NLL of next-token predictions at each exit layer; each block runs once per
-    window and the shared head is applied at every requested exit."""
-    layers = sorted(set(exit_layers))
-    if len(ids) < 2:
-        raise ValueError("perplexity needs at least 2 tokens (the first is context only)")
-    total = {k: 0.0 for k in layers}
-    scored = 0
-    for start, end, first_target in windows(len(ids), runner.config.max_position_embeddings):
-        row = Row(ids[start:end], 0, layers[-1], None, {k: "all" for k in layers})
-        logits = runner.forward([row])[0].logits
-        targets = torch.tensor(ids[first_target:end], device=runner.device)
-        # logits at window position p predict ids[start + p + 1]
-        first_pred = first_target - 1 - start
-        for k in layers:
-            logp = torch.log_softmax(logits[k][first_pred:end - start - 1].double(), dim=-1)
-            total[k] += float(-logp.gather(1, targets[:, None]).sum())
-        scored += len(targets)
-    return PerplexityResult(scored, {k: total[k] / scored for k in layers})
+    """Offline: each window in one forward, without a KV cache."""
+    scoring = Scoring(ids, exit_layers, runner.config.max_position_embeddings)
+    while True:
+        row = Row(scoring.window_ids(), 0, scoring.depth, None, scoring.heads)
+        scoring.add(0, runner.forward([row])[0].logits)
+        if not scoring.next_window():
+            return scoring.result()

@@ -47,7 +47,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """logits [vocab] -> token id."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.double() / params.temperature
+    # Shift by the max first: softmax is unchanged, and a tiny temperature (5e-324) then sends
+    # every other logit to -inf and the top one to 0 instead of overflowing them all to inf.
+    logits = logits.double()
+    logits = (logits - logits.max()) / params.temperature
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

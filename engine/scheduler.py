@@ -1,5 +1,6 @@
-"""Chooses the rows of the next step: every running sequence first (so streams keep flowing),
-then new prompts in chunks, all under one per-step token budget."""
+"""Chooses the rows of the next step, all under one per-step token budget: running generations
+first (decodes before prompt chunks, so streams keep flowing beside a long prompt), then new
+requests in chunks, then the chunks of running perplexity requests with what is left."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._budget = 0  # tokens left in the step being scheduled
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -27,33 +29,44 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """[(sequence, number of its next tokens to compute)] for one step."""
-        budget = self.max_num_batched_tokens
+        self._budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
-        for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an earlier one
-                continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if n <= 0:
-                continue
-            while not self._reserve(seq, n):
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            else:
-                batch.append((seq, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # decodes first, then prompt chunks: a long chunk takes only what the decodes leave
+        running = sorted(self.running, key=lambda s: s.num_tokens - s.num_computed > 1)
+        self._continue([s for s in running if s.scoring is None], batch)
+        while self.waiting and self._budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, self._budget)
             if not self._reserve(seq, n):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
-            budget -= n
+            self._budget -= n
+        # scoring (perplexity) chunks last, with what new prompts leave: a long text is scored
+        # beside other requests and never delays their admission by more than this step
+        self._continue([s for s in running if s.scoring is not None], batch)
         return batch
+
+    def _continue(self, seqs: list[Sequence], batch: list[tuple[Sequence, int]]) -> None:
+        """Add the next tokens of running `seqs` to `batch`, preempting the latest-admitted
+        sequences not yet in it when the KV cache is short."""
+        for seq in seqs:
+            if seq not in self.running:  # preempted below to make room for an earlier one
+                continue
+            n = min(seq.num_tokens - seq.num_computed, self._budget)
+            if n <= 0:
+                continue
+            while not self._reserve(seq, n):
+                batched = {s for s, _ in batch}
+                victim = next(s for s in reversed(self.running) if s not in batched)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.append((seq, n))
+                self._budget -= n
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its KV blocks."""

@@ -16,6 +16,7 @@ from .kv_cache import SequenceKV
 
 if TYPE_CHECKING:
     from .model_runner import Pending
+    from .perplexity import Scoring
 
 _ids = itertools.count()
 
@@ -100,6 +101,7 @@ class Sequence:
     num_computed: int = 0                                 # leading tokens whose KV is cached
     kv: SequenceKV = field(default_factory=SequenceKV)
     pending: Pending | None = None                        # confidence: tokens whose KV stops below L
+    scoring: Scoring | None = None                        # a perplexity request: its windows are the prompt
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -19,12 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFailed, RequestStream
 from engine.exit_policy import ConfidenceRule
 from engine.llm_engine import LLMEngine, StepOutput
-from engine.perplexity import perplexity
 from engine.sequence import SamplingParams, Sequence
 
+from . import openapi
+from .body_limit import BodyLimit
 from .chat_template import ChatTemplate
 from .errors import APIError, error_body, error_response, install_error_handlers
+from .fields import QueryInt
 from .metrics import Metrics
+from .responses import REQUEST_ERRORS, GenerateResponse, PerplexityResponse, Status, auth_errors, documented
 from .schemas import GenerateRequest, PerplexityRequest, SamplingFields
 
 log = logging.getLogger("bitskip.server")
@@ -37,6 +40,9 @@ class ServerSettings:
     max_queue: int = 256
     drain_timeout: float = 30.0   # seconds running requests get to finish on shutdown
     ready_heartbeat: float = 10.0  # /ready fails when the loop has not gone round for this long
+    max_body_bytes: int = 2 * 1024 * 1024  # larger request bodies get 413 before they are read
+    metrics_auth: bool = False     # /metrics needs the API key too
+    max_perplexity_tokens: int = 32768  # longer /perplexity inputs get 413
 
 
 class Server:
@@ -90,14 +96,15 @@ class Server:
             raise self.reject("validation", APIError(422, f"{param} is empty: at least 1 token is needed",
                                                      param=param))
 
-    def prompt_ids(self, prompt: str | None, token_ids: list[int] | None, param: str | None = None) -> list[int]:
+    async def prompt_ids(self, prompt: str | None, token_ids: list[int] | None,
+                         param: str | None = None) -> list[int]:
         """`param` is the field named in errors (default: token_ids or prompt, whichever was sent)."""
         param = param or ("prompt" if token_ids is None else "token_ids")
         if token_ids is not None:
             self.check_token_ids(token_ids, param)
             ids = list(token_ids)
         else:
-            ids = self.encode(prompt, param)
+            ids = await self.encode(prompt, param)
         ctx = self.config.max_position_embeddings
         if len(ids) >= ctx:
             raise self.reject("prompt_too_long", APIError(
@@ -105,9 +112,10 @@ class Server:
                 param=param))
         return ids
 
-    def encode(self, text: str, param: str, add_bos: bool = True) -> list[int]:
+    async def encode(self, text: str, param: str, add_bos: bool = True) -> list[int]:
+        """Tokenized on a worker thread: a long text never holds up the event loop."""
         try:
-            return self.engine.encode(text, add_bos)
+            return await asyncio.to_thread(self.engine.encode, text, add_bos)
         except ValueError as e:  # a model served without a tokenizer
             raise self.reject("validation", APIError(422, f"{param}: {e}", param=param)) from None
 
@@ -152,8 +160,19 @@ class Server:
 
     def submit(self, ids: list[int], params: SamplingParams, exit_layer: int | None,
                confidence: ConfidenceRule | None) -> RequestStream:
+        return self._admit(lambda: self.loop.submit(ids, params, exit_layer, confidence))
+
+    def submit_scoring(self, ids: list[int], exit_layers: list[int], param: str) -> RequestStream:
+        limit = self.settings.max_perplexity_tokens
+        if len(ids) > limit:
+            raise self.reject("prompt_too_long", APIError(
+                413, f"{param} has {len(ids)} tokens: allowed at most {limit} (server option "
+                     "--max-perplexity-tokens)", param=param))
+        return self._admit(lambda: self.loop.submit_scoring(ids, exit_layers))
+
+    def _admit(self, submit: Callable[[], RequestStream]) -> RequestStream:
         try:
-            return self.loop.submit(ids, params, exit_layer, confidence)
+            return submit()
         except QueueFull as e:
             raise self.reject("queue_full", APIError(429, str(e), "rate_limit_error",
                                                      headers={"Retry-After": "1"})) from None
@@ -162,6 +181,11 @@ class Server:
                                                         headers={"Retry-After": "5"})) from None
         except ValueError as e:
             raise self.reject("validation", APIError(422, str(e))) from None
+
+    async def drain(self) -> None:
+        """Stop admitting; running requests get the drain timeout, then end with a 503."""
+        log.info("shutting down: draining running requests (up to %.0fs)", self.settings.drain_timeout)
+        await self.loop.shutdown(self.settings.drain_timeout)
 
     # ---- running a request -----------------------------------------------------------------
     async def merged_outputs(self, streams: list[RequestStream]) -> AsyncIterator[tuple[int, StepOutput]]:
@@ -213,7 +237,8 @@ class Server:
                     last = now
                     m.observe_tokens(label, [out.exit_layer])
                 yield out
-            m.request_latency.labels(label).observe(time.perf_counter() - seq.arrival_time)
+            if seq.scoring is None:  # generation latency only: scoring has a scale of its own
+                m.request_latency.labels(label).observe(time.perf_counter() - seq.arrival_time)
         finally:
             if not seq.finished:  # the client went away, or an error: free the KV now
                 self.loop.abort(stream)
@@ -232,6 +257,11 @@ class Server:
                     yield sse(data)
             except RequestFailed as e:
                 yield sse(error_body(str(e), "internal_error"))
+            except EngineStopped as e:  # shut down past the drain timeout
+                yield sse(error_body(str(e), "unavailable"))
+            except Exception as e:  # the 200 is sent: the error goes in the stream, which still ends
+                log.exception("stream failed")
+                yield sse(error_body(f"internal error: {type(e).__name__}", "internal_error"))
             finally:
                 await outputs.aclose()
                 for stream in streams:
@@ -265,7 +295,10 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await work
             raise APIError(499, "client disconnected", "client_closed")
-        work.result()  # re-raises RequestFailed
+        try:
+            work.result()  # re-raises RequestFailed
+        except EngineStopped as e:  # shut down past the drain timeout
+            raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
         return [s.seq for s in streams]
 
 
@@ -302,13 +335,19 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
         log.info("serving %s (%d layers) with %s", settings.model_name,
                  server.config.num_hidden_layers, engine.backend.describe())
         yield
-        log.info("shutting down: draining running requests (up to %.0fs)", settings.drain_timeout)
-        await server.loop.shutdown(settings.drain_timeout)
+        await server.drain()  # at once if the ASGI server already drained (server/graceful.py)
 
     app = FastAPI(title="BitSkip Serve", lifespan=lifespan)
+    auth = auth_errors(settings.api_key)
+    c = server.config
+    openapi.install(app, c.num_hidden_layers, c.vocab_size, c.max_position_embeddings,
+                    settings.max_perplexity_tokens)
     app.state.server = server
 
-    app.add_middleware(AuthAndCount, server=server, open_paths={"/health", "/ready", "/metrics"})
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       on_reject=lambda: server.metrics.rejected.labels("body_too_large").inc())
+    open_paths = {"/health", "/ready"} | (set() if settings.metrics_auth else {"/metrics"})
+    app.add_middleware(AuthAndCount, server=server, open_paths=open_paths)
 
     install_error_handlers(app, lambda reason: server.metrics.rejected.labels(reason).inc())
 
@@ -317,13 +356,14 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
         return error_response(500, f"the request failed inside the engine: {e}", "internal_error")
 
     # ---- generation ----------------------------------------------------------------------
-    @app.post("/generate")
+    @app.post("/generate", responses=documented(GenerateResponse, *REQUEST_ERRORS, *auth, stream=True))
     async def generate(body: GenerateRequest, request: Request,
-                       exit_layer: int | None = Query(None, description="overrides the body's exit_layer")):
+                       exit_layer: QueryInt | None = Query(
+                           None, description="overrides the body's exit_layer (422 with policy 'confidence')")):
         if exit_layer is not None:
             body = body.model_copy(update={"exit_layer": exit_layer})
         params, k, confidence = server.sampling_params(body)
-        ids = server.prompt_ids(body.prompt, body.token_ids)
+        ids = await server.prompt_ids(body.prompt, body.token_ids)
         stream = server.submit(ids, params, k, confidence)
         if not body.stream:
             return server.with_warnings(generate_result(await server.run_to_completion(request, stream)))
@@ -340,8 +380,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
     app.include_router(openai_router(server, chat_template))
 
     # ---- scoring ---------------------------------------------------------------------------
-    @app.post("/perplexity")
-    async def score(body: PerplexityRequest):
+    @app.post("/perplexity", responses=documented(PerplexityResponse, *REQUEST_ERRORS, *auth))
+    async def score(body: PerplexityRequest, request: Request):
         c = server.config
         layers = body.exit_layers or sorted(set(c.exit_points) | {c.num_hidden_layers})
         for k in layers:
@@ -350,23 +390,25 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
             server.check_token_ids(body.token_ids)
             ids = body.token_ids
         else:
-            ids = server.encode(body.text, "text")
+            ids = await server.encode(body.text, "text")
         if len(ids) < 2:
             raise server.reject("validation", APIError(
                 422, f"{'token_ids' if body.token_ids is not None else 'text'} has {len(ids)} token(s): "
                      "at least 2 are needed (the first is context only)",
                 param="token_ids" if body.token_ids is not None else "text"))
-        result = await server.loop.run_job(lambda: perplexity(engine.runner, ids, layers))
+        # Scored through the scheduler in chunks beside other requests; aborted if the client leaves.
+        stream = server.submit_scoring(ids, layers, "token_ids" if body.token_ids is not None else "text")
+        result = (await server.run_to_completion(request, stream)).scoring.result()
         return server.with_warnings({"tokens": result.tokens,
                                      "perplexity": {str(k): v for k, v in result.perplexity.items()},
                                      "nll": {str(k): v for k, v in result.nll.items()}})
 
     # ---- operations ------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", responses=documented(Status))
     async def health():
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses=documented(Status, 503))
     async def ready():
         lag = time.monotonic() - server.loop.last_heartbeat
         if server.loop.alive and lag < settings.ready_heartbeat:
@@ -374,7 +416,8 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
         return error_response(503, f"engine loop not stepping (last seen {lag:.1f}s ago)", "unavailable",
                               headers={"Retry-After": "1"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses=documented(None, *(auth if settings.metrics_auth else ()), text=True))
     async def metrics():
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -433,7 +476,14 @@ def _warning_header(warnings: list[str]) -> bytes:
 
 
 def _key_matches(scope, key: str) -> bool:
-    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-    auth = headers.get("authorization", "")
-    given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
-    return secrets.compare_digest(given.encode(), key.encode())
+    """Compares raw header bytes: no header is decoded, so a non-UTF-8 byte in any header (even
+    in the key itself) is just a mismatch. ASGI servers send header names lower-cased."""
+    given = b""
+    for name, value in scope.get("headers", []):
+        if name == b"authorization" and value[:7].lower() == b"bearer ":
+            given = value[7:].strip()
+            break
+        if name == b"x-api-key":
+            given = value
+    return secrets.compare_digest(given, key.encode())
+

@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default: all cores but one, at least 1)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds running requests get to finish after SIGTERM")
+    s.add_argument("--max-body-bytes", type=int, default=2 * 1024 * 1024,
+                   help="larger request bodies get 413 before they are read")
+    s.add_argument("--max-perplexity-tokens", type=int, default=32768,
+                   help="longer /perplexity inputs get 413 (they are scored in chunks beside other requests)")
+    s.add_argument("--metrics-auth", action="store_true",
+                   help="/metrics needs the API key too (default: open, like /health and /ready)")
     s.add_argument("--log-level", default="info")
     _add_device_args(s, eager=True)
     return p
@@ -186,11 +192,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_perplexity(args) -> None:
-    from engine.backends import make_backend
-    from engine.model_runner import ModelRunner
-    from engine.perplexity import perplexity
-    from engine.weights import ModelWeights
-    backend = make_backend(args.device, args.backend)
+    from engine import EngineConfig, LLMEngine
     ckpt = load_model(args.model, args.tokenizer, args.generation)
     if ckpt.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: pass --tokenizer FILE (a tokenizer.json)")
@@ -203,10 +205,8 @@ def cmd_perplexity(args) -> None:
         text = args.file.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {args.file}: {e}") from None
-    gen = ckpt.generation_config
-    ids = ([gen["bos_token_id"]] if gen.get("bos_token_id") is not None else []) + \
-        ckpt.tokenizer.encode(text, add_special_tokens=False).ids
-    result = perplexity(ModelRunner(ModelWeights.from_checkpoint(ckpt, backend)), ids, layers)
+    engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=1, device=args.device, backend=args.backend))
+    result = engine.perplexity(engine.encode(text), layers)
     if not c.causal:
         print(f"warning: {NON_CAUSAL_WARNING}", file=sys.stderr)
     if args.json:
@@ -261,14 +261,15 @@ def cmd_train(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    import uvicorn
-
     from engine import EngineConfig, LLMEngine
     from models.default_model import resolve_model
 
     from .app import ServerSettings, create_app
     from .chat_template import load_chat_template
+    from .graceful import serve
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.metrics_auth and not args.api_key:
+        raise ValueError("--metrics-auth needs an API key (--api-key or $BITSKIP_API_KEY)")
     path = resolve_model(args.model)
     # Leave a core to the HTTP side: torch's threads spin while they wait, so an engine that
     # takes every core slows badly whenever the event loop runs.
@@ -278,15 +279,16 @@ def cmd_serve(args) -> None:
         num_threads=threads, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager))
     logging.getLogger("bitskip.server").info("engine on %s; %d torch threads", engine.backend.describe(), threads)
     settings = ServerSettings(model_name=path.name, api_key=args.api_key, max_queue=args.max_queue,
-                              drain_timeout=args.drain_timeout)
+                              drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes,
+                              metrics_auth=args.metrics_auth, max_perplexity_tokens=args.max_perplexity_tokens)
     app = create_app(engine, settings, load_chat_template(path, engine.special_tokens()))
-    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting, finish in-flight requests
-    # (bounded), then run the app's shutdown, which drains the engine loop. Afterwards it restores
+    # uvicorn turns SIGTERM into a graceful shutdown: stop accepting while the app drains the
+    # engine loop (bounded; server/graceful.py), then run the app's shutdown. Afterwards it restores
     # the handler it found and re-raises the signal; with the default handler that would kill the
     # process (exit -15) after a clean shutdown, so the handler it finds ignores it: we exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
+    serve(app, app.state.server.drain, args.drain_timeout, host=args.host, port=args.port,
+          log_level=args.log_level)
 
 
 COMMANDS = {"init": cmd_init, "pack": cmd_pack, "convert": cmd_convert, "generate": cmd_generate, "perplexity": cmd_perplexity,

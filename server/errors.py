@@ -85,21 +85,39 @@ def quote(value, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def validation_message(err: dict) -> tuple[str, str | None]:
-    """(message, param) for one pydantic error; the value is quoted short."""
-    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query")]
-    # a list item's index is not a parameter name: token_ids.3 -> token_ids (index in message)
-    names = [p for p in loc if not p.isdigit()]
-    param = ".".join(names) or None
+# pydantic names the member of a union in an error's location ("list[int]", "str", ...)
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "tuple", "bytes", "none"}
+
+
+def _location(err: dict) -> list[str]:
+    """The field path of an error: names and list indexes, without "body"/"query" or union tags."""
+    return [str(p) for p in err.get("loc", ())[1:]
+            if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS)]
+
+
+def _param(err: dict) -> str | None:
+    return ".".join(p for p in _location(err) if not p.isdigit()) or None
+
+
+def validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic's errors: the first one, its value quoted short, and how
+    many other fields are also wrong (a union's other members do not count)."""
+    if not errors:
+        return "invalid request", None
+    err = errors[0]
+    param = _param(err)
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     if "prompt and token_ids" in msg or "text and token_ids" in msg:
-        return msg, "prompt" if "prompt" in msg else "text"
-    if param is None:
-        return msg, None
-    if err.get("type") == "missing":
-        return f"{param} is required", param
-    where = ".".join(loc)
-    return f"{where}={quote(err.get('input'))} is invalid: {msg}", param
+        msg, param = msg, "prompt" if "prompt" in msg else "text"
+    elif param is not None:
+        if err.get("type") == "missing":
+            msg = f"{param} is required"
+        else:
+            msg = f"{'.'.join(_location(err))}={quote(err.get('input'))} is invalid: {msg}"
+    others = len({_param(e) for e in errors[1:]} - {param})
+    if others:
+        msg += f" (and {others} more field{'s' if others > 1 else ''} with problems)"
+    return msg, param
 
 
 def install_error_handlers(app: FastAPI, count: Callable[[str], None] = lambda reason: None) -> None:
@@ -118,9 +136,7 @@ def install_error_handlers(app: FastAPI, count: Callable[[str], None] = lambda r
             return error_response(400, f"the body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')} "
                                        f"(at character {pos})")
         count("validation")
-        message, param = validation_message(errors[0]) if errors else ("invalid request", None)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        message, param = validation_message(errors)
         return error_response(422, message, param=param)
 
     @app.exception_handler(HTTPException)

@@ -175,7 +175,7 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body = checked(body)
-        prompts = [(server.prompt_ids(text, ids, "prompt"), text if text is not None else decode(ids))
+        prompts = [(await server.prompt_ids(text, ids, "prompt"), text if text is not None else decode(ids))
                    for text, ids in _prompts(body.prompt)]
         wants = body.logprobs is not None
         choices = submit_all(body, prompts, body.logprobs, body.logprobs if body.echo and wants else None)
@@ -213,8 +213,8 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
                                          for m in body.messages], body.add_generation_prompt)
         except ChatTemplateError as e:
             raise server.reject("validation", APIError(400, str(e), param="messages")) from None
-        ids = server.encode(text, "messages", add_bos=False)  # the template writes BOS if it wants one
-        ids = server.prompt_ids(None, ids, "messages")
+        ids = await server.encode(text, "messages", add_bos=False)  # the template writes BOS if it wants one
+        ids = await server.prompt_ids(None, ids, "messages")
         room = config.max_position_embeddings - len(ids)
         limit = body.max_completion_tokens or body.max_tokens
         body = body.model_copy(update={"max_tokens": limit or room})
@@ -251,7 +251,7 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         depth_of(body.model)
-        ids = server.encode(body.prompt, "prompt", add_bos=body.add_special_tokens)
+        ids = await server.encode(body.prompt, "prompt", add_bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": config.max_position_embeddings}
 
     @router.post("/detokenize")

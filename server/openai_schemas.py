@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .fields import Int, Text
 from .schemas import MAX_TOKENS_LIMIT, SamplingFields
 
 LOGPROBS_LIMIT = 20  # top alternatives per token, as OpenAI allows
@@ -28,9 +29,9 @@ class OpenAIFields(SamplingFields):
 
     model: str | None = None  # NAME (full depth) or NAME@K (exit layer K); see /v1/models
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default
-    n: int = Field(1, ge=1, le=N_LIMIT)
+    n: Int = Field(1, ge=1, le=N_LIMIT)
     stream_options: StreamOptions | None = None
-    user: str | None = None                   # accepted; changes nothing
+    user: Text | None = None                   # accepted; changes nothing
     metadata: dict[str, str] | None = None    # accepted; changes nothing
     store: bool | None = None                 # accepted; nothing is stored
     service_tier: str | None = None           # accepted; one tier
@@ -41,10 +42,10 @@ class OpenAIFields(SamplingFields):
 
 
 class CompletionRequest(OpenAIFields):
-    prompt: str | list[int] | list[str | list[int]]  # one prompt, or a batch of them
+    prompt: Text | list[Int] | list[Text | list[Int]]  # one prompt, or a batch of them
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
-    best_of: int | None = Field(None, ge=1)
+    logprobs: Int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
+    best_of: Int | None = Field(None, ge=1)
     suffix: str | None = None
 
     def unsupported(self) -> list[tuple[str, str]]:
@@ -61,14 +62,14 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: handed to the template
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
@@ -78,10 +79,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # None: up to the context
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # None: up to the context
+    max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
+    top_logprobs: Int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
     add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant's turn opening
     # OpenAI fields not implemented: a value that would change the output is refused.
     tools: list[Any] | None = None

@@ -5,33 +5,38 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
+
+from .fields import Int, StopList, StopString, Text
 
 MAX_TOKENS_LIMIT = 4096
+# strict: a JSON `true` or `"7"` is not an integer (see fields.Int), `1` is not a boolean
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: Int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
-    top_k: int = Field(0, ge=0)
+    top_k: Int = Field(0, ge=0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] | None = None
-    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    seed: Int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopList | StopString | None = None
+    stop_token_ids: list[Int] | None = None
+    min_tokens: Int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    # JSON object keys are strings: a token id key is read from its digits
+    logit_bias: dict[Annotated[int, Strict(False)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool = False
     ignore_eos: bool = False
     policy: Literal["fixed", "confidence"] = "fixed"
-    exit_layer: int | None = None
+    exit_layer: Int | None = None
     threshold: float = Field(0.9, ge=0.0, le=1.0)
-    min_exit_layer: int = 1
-    exit_points: list[int] | None = None  # confidence policy: default the model's exit points
+    min_exit_layer: Int = 1
+    exit_points: list[Int] | None = None  # confidence policy: default the model's exit points
     confidence_measure: Literal["probability", "margin"] = "probability"
 
     @property
@@ -42,8 +47,8 @@ class SamplingFields(BaseModel):
 
 
 class GenerateRequest(SamplingFields):
-    prompt: str | None = None
-    token_ids: list[int] | None = None
+    prompt: Text | None = None
+    token_ids: list[Int] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -53,11 +58,11 @@ class GenerateRequest(SamplingFields):
 
 
 class PerplexityRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    text: str | None = None
-    token_ids: list[int] | None = None
-    exit_layers: list[int] | None = None
+    text: Text | None = None
+    token_ids: list[Int] | None = None
+    exit_layers: list[Int] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):

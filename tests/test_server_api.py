@@ -756,6 +756,16 @@ async def raw_post(app, path: str, body: dict):
     return asyncio.create_task(app(scope, receive, send)), sent, gone
 
 
+async def leave(app, task, gone):
+    """The client of the one running request goes away; returns its sequence once freed."""
+    server = app.state.server
+    (seq,) = list(server.engine.scheduler.running)
+    gone.set()
+    await wait_until(lambda: kv_all_free(app) and server.loop.num_running == 0, 10, "KV freed")
+    await asyncio.wait_for(task, 10)
+    return seq
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
 def test_client_disconnect_frees_kv(ckpt, stream):
     app = make_app(ckpt)
@@ -777,11 +787,7 @@ def test_client_disconnect_frees_kv(ckpt, stream):
                 await wait_until(lambda: server.loop.num_running == 1 and not kv_all_free(app),
                                  what="request running")
             assert server.loop.num_running == 1 and not kv_all_free(app)
-            (seq,) = list(server.engine.scheduler.running)
-            gone.set()
-            await wait_until(lambda: kv_all_free(app) and server.loop.num_running == 0, 10, "KV freed")
-            await asyncio.wait_for(task, 10)
-            return seq
+            return await leave(app, task, gone)
 
     seq = run(body())
     # aborted: it did not run on to the end of the context
