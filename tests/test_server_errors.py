@@ -60,7 +60,7 @@ def test_wrong_method_is_405_with_allow(ckpt):
 
 
 def test_unhandled_exception_is_500_error_object(ckpt, monkeypatch):
-    def boom(self, text):
+    def boom(self, text, *args):
         raise RuntimeError("injected")
     monkeypatch.setattr(LLMEngine, "encode", boom)
     r = call(ckpt, "POST", "/generate", json={"prompt": "x"})

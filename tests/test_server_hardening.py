@@ -53,11 +53,11 @@ def test_tokenizing_runs_off_the_event_loop(ckpt, monkeypatch):
     gate, entered = threading.Event(), threading.Event()
     real = LLMEngine.encode
 
-    def held(self, text):
+    def held(self, text, *args):
         if text == "held":
             entered.set()
             assert gate.wait(30)
-        return real(self, text)
+        return real(self, text, *args)
     monkeypatch.setattr(LLMEngine, "encode", held)
 
     async def go():
