@@ -40,8 +40,30 @@ def _standard_bounds(node) -> None:
             _standard_bounds(value)
 
 
+def _errors_everywhere(doc: dict) -> None:
+    """Routes that do not list their errors (FastAPI's default 422 says `detail`) get the error
+    object for every status a request that runs the model can be answered with."""
+    from .responses import REQUEST_ERRORS, documented
+    errors = {str(k): v for k, v in documented(None, *REQUEST_ERRORS).items() if k != 200}
+    for ops in doc["paths"].values():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            if method == "post":
+                for status, spec in errors.items():
+                    if status not in responses or "HTTPValidationError" in str(responses[status]):
+                        responses[status] = _openapi_response(spec)
+    doc["components"]["schemas"].pop("HTTPValidationError", None)
+    doc["components"]["schemas"].pop("ValidationError", None)
+
+
+def _openapi_response(spec: dict) -> dict:
+    return {"description": spec["description"],
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
 def _constrain(doc: dict, L: int, V: int, context: int, max_score: int) -> None:
     _standard_bounds(doc)
+    _errors_everywhere(doc)
     schemas = doc["components"]["schemas"]
     layer = {"type": "integer", "minimum": 1, "maximum": L}
     token = {"type": "integer", "minimum": 0, "maximum": V - 1}

@@ -1,8 +1,8 @@
 """Schemathesis hooks for tests/test_openapi_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
-One rule the server enforces spans two locations, which JSON Schema cannot say: `?exit_layer=`
-(fixed depth) with `"policy": "confidence"` in the body is a 422 (documented in the parameter's
-description). Those cases are left out of generation, so positive-data acceptance still checks
+Rules that compare two values, which JSON Schema cannot say, each a 422 documented in words:
+`?exit_layer=` (fixed depth) with `"policy": "confidence"` in the body, and `min_tokens` above
+`max_tokens`. Those cases are left out of generation, so positive-data acceptance still checks
 every other schema-valid request."""
 
 import schemathesis
@@ -11,5 +11,10 @@ import schemathesis
 @schemathesis.hook
 def filter_case(context, case) -> bool:
     query, body = case.query or {}, case.body
-    return not (query.get("exit_layer") is not None and isinstance(body, dict)
-                and body.get("policy") == "confidence")
+    if not isinstance(body, dict):
+        return True
+    if query.get("exit_layer") is not None and body.get("policy") == "confidence":
+        return False
+    min_tokens, max_tokens = body.get("min_tokens"), body.get("max_tokens", 16)
+    return not (isinstance(min_tokens, (int, float)) and isinstance(max_tokens, (int, float))
+                and min_tokens > max_tokens)
