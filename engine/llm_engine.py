@@ -170,7 +170,8 @@ class LLMEngine:
             raise ValueError(f"token ids must be in 0..{mc.vocab_size - 1}, got {bad[:5]}")
         scoring = Scoring(list(ids), exit_layers, mc.max_position_embeddings)
         window = scoring.window_ids()
-        if self.kv_cache.blocks_needed(SequenceKV(), scoring.depth, len(window)) > self.kv_cache.num_blocks:
+        if self.kv_cache is not None and (  # a model without a causal mask keeps no KV
+                self.kv_cache.blocks_needed(SequenceKV(), scoring.depth, len(window)) > self.kv_cache.num_blocks):
             raise ValueError(f"a {len(window)}-token window needs more KV blocks than the cache has")
         return Sequence(window, SamplingParams(max_tokens=1), scoring.depth, scoring=scoring)
 
@@ -253,7 +254,8 @@ class LLMEngine:
         if seq.num_computed < seq.num_tokens:
             return None
         if scoring.next_window():
-            self.kv_cache.release(seq.kv)
+            if self.kv_cache is not None:
+                self.kv_cache.release(seq.kv)
             seq.prompt_ids, seq.num_computed = scoring.window_ids(), 0
             return None
         seq.finish_reason = "stop"
