@@ -77,6 +77,11 @@ def _constrain(doc: dict, L: int, V: int, context: int, max_score: int) -> None:
         props = schemas[name]["properties"]
         props["exit_layer"] = {"anyOf": [layer, {"type": "null"}], "default": None}
         props["min_exit_layer"] = {**layer, "default": 1}
+        if "stop_token_ids" in props:
+            props["stop_token_ids"] = {"anyOf": [{"type": "array", "items": token}, {"type": "null"}], "default": None}
+        if "exit_points" in props:  # the confidence policy's exits: below the full depth
+            props["exit_points"] = {"anyOf": [{"type": "array", "items": {**layer, "maximum": L - 1}},
+                                              {"type": "null"}], "default": None}
         # the confidence policy picks each token's exit: a fixed exit_layer is refused with it
         schemas[name]["if"] = {"properties": {"policy": {"const": "confidence"}}, "required": ["policy"]}
         schemas[name]["then"] = {"properties": {"exit_layer": {"type": "null"}}}
