@@ -76,7 +76,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int, max_batch: int, extra: list[str]) -> subprocess.Popen:
+def start_server(model: str | None, port: int, max_batch: int, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
            "--log-level", "warning", *extra]
     if model:
