@@ -159,7 +159,7 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, max_batch=8)
+    proc = start_server(args.model, port, max_batch=8, extra=[])
     rows, checks = [], []
     try:
         name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
