@@ -35,8 +35,10 @@ def decode_rate(engine: LLMEngine, prompt: list[int], batch: int, new_tokens: in
     """Generated tokens per second over the decode steps of one batch."""
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     seqs = [engine.add_request(prompt, params, exit_layer) for _ in range(batch)]
-    while any(s.first_token_time is None for s in seqs):
+    while any(s.first_token_time is None for s in seqs) and engine.has_unfinished():
         engine.step()
+    if failed := [s.finish_reason for s in seqs if s.finish_reason not in (None, "length", "stop")]:
+        raise SystemExit(f"decode failed: {failed[0]}")
     t0, done0 = time.perf_counter(), sum(len(s.output_ids) for s in seqs)
     while engine.has_unfinished():
         engine.step()

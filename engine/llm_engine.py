@@ -14,6 +14,7 @@ from models.ref_import import NO_TOKENIZER_NOTE, NON_CAUSAL_WARNING
 
 from .backends import make_backend
 from .detokenizer import Detokenizer
+from .device_sampler import sample_batch
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
 from .logprobs import logprobs_of, record_prompt_logprobs
