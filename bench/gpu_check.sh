@@ -35,7 +35,7 @@ if [ "$SMOKE" = 1 ]; then
 else
     MODE=gpu DEVICE=cuda PRESET=paper-1b EXITS=6,12,18,24 BIG=32 NEW=64 REPEATS=3 PROMPT=32
     LEVELS=1,8,32 PER_CLIENT=2 SERVE_TOKENS=64 SERVE_PROMPT="The meaning of an early exit is"
-    BUDGET=420 SCALE=1
+    BUDGET=${BUDGET:-420} SCALE=1
     TESTS=(tests/test_triton_kernels.py tests/test_triton_runner.py tests/test_device_sampler.py
            tests/test_cuda_graphs.py)
 fi
@@ -45,9 +45,11 @@ FAILED=0
 : > "$OUT/steps.tsv"
 # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, record the status.
 # A step's limit is its own, capped by what is left of BUDGET, so the whole check ends in time.
+# ONLY="name ..." runs just those steps (a rerun of what failed, within what device time is left).
 step() {
     local name=$1 limit=$(($2 * SCALE)) t0=$SECONDS rc left
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then skip "$name" "not in ONLY"; return; fi
     left=$((BUDGET * SCALE - (SECONDS - START)))
     if [ "$left" -lt 10 ]; then skip "$name" "no time left in the budget"; FAILED=1; return; fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -113,6 +115,16 @@ for batch in 1 "$BIG"; do
     step "dense-$name" 60 "$PY" bench/dense_peer.py --preset "$PRESET" --device "$DEVICE" --batch "$batch" \
         --new-tokens "$NEW" --repeats "$REPEATS" --prompt-tokens "$PROMPT" --json "$OUT/dense-$name.json"
 done
+
+# Where a batch-1 step's time goes, per decode-kernel choice and without CUDA graphs.
+if [ "$SMOKE" = 0 ]; then
+    for variant in decode_bytes decode prefill; do
+        step "profile-$variant" 60 env BITSKIP_DECODE_KERNEL=$variant "$PY" bench/gpu_profile.py \
+            --model "$OUT/ckpt" --label "$variant" --json "$OUT/profile-$variant.json"
+    done
+    step profile-eager 60 "$PY" bench/gpu_profile.py --model "$OUT/ckpt" --enforce-eager --label eager \
+        --json "$OUT/profile-eager.json"
+fi
 
 step serve 100 "$PY" bench/serve.py --model "$OUT/ckpt" --concurrency "$LEVELS" \
     --requests-per-client "$PER_CLIENT" --max-tokens "$SERVE_TOKENS" --prompt "$SERVE_PROMPT" \

@@ -14,15 +14,22 @@ code runs under Triton's interpreter (for tests on machines without a GPU).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from models.quant import activation_qmax
 
 from .base import PackedWeight
 
-# Rows at or below which a call uses the decode kernel. A guess until measured on the H100
-# (engine/kernels/NOTES.md lists the crossover measurement still to do).
-DEFAULT_DECODE_MAX_M = 4
+# Rows at or below which a call uses the decode-shaped kernel, and which one: `decode_bytes`
+# (one byte of codes per load) measured 15 us against `decode`'s 69-99 us for paper-1b's gate/up
+# and down at M=1 on an H200 (bench/RESULTS.md). BITSKIP_DECODE_KERNEL=decode|decode_bytes|prefill
+# and BITSKIP_DECODE_MAX_M override them (bench/gpu_profile.py compares them in a running engine).
+DEFAULT_DECODE_MAX_M = int(os.environ.get("BITSKIP_DECODE_MAX_M", "4"))
+DECODE_KERNEL = os.environ.get("BITSKIP_DECODE_KERNEL", "decode_bytes")
+if DECODE_KERNEL not in ("decode", "decode_bytes", "prefill"):
+    raise ValueError(f"BITSKIP_DECODE_KERNEL must be decode, decode_bytes or prefill, got {DECODE_KERNEL!r}")
 
 
 class CudaTernaryLinear:
@@ -73,7 +80,7 @@ class CudaTernaryLinear:
                                       norm_weight=norm_weight, eps=eps)
 
     def pick_kernel(self, rows: int) -> str:
-        return "decode" if rows <= self.decode_max_m else "prefill"
+        return DECODE_KERNEL if rows <= self.decode_max_m else "prefill"
 
     def accumulate(self, codes: torch.Tensor, kernel: str = "auto",
                    out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
