@@ -22,12 +22,13 @@ from models.quant import activation_qmax
 
 from .base import PackedWeight
 
-# Rows at or below which a call uses the decode-shaped kernel, and which one: `decode_bytes`
-# (one byte of codes per load) measured 15 us against `decode`'s 69-99 us for paper-1b's gate/up
-# and down at M=1 on an H200 (bench/RESULTS.md). BITSKIP_DECODE_KERNEL=decode|decode_bytes|prefill
-# and BITSKIP_DECODE_MAX_M override them (bench/gpu_profile.py compares them in a running engine).
+# Rows at or below which a call uses the decode-shaped kernel, and which one. In a running engine
+# (paper-1b, batch 1, CUDA graphs, H200; bench/gpu_profile.py) `decode` took 0.345 ms of a step's
+# 96 projections, `decode_bytes` 0.505 ms and `prefill` 1.21 ms (standalone timings in
+# bench/gpu_kernels.py rank them differently: launch overhead there, not in a graph).
+# BITSKIP_DECODE_KERNEL=decode|decode_bytes|prefill and BITSKIP_DECODE_MAX_M override them.
 DEFAULT_DECODE_MAX_M = int(os.environ.get("BITSKIP_DECODE_MAX_M", "4"))
-DECODE_KERNEL = os.environ.get("BITSKIP_DECODE_KERNEL", "decode_bytes")
+DECODE_KERNEL = os.environ.get("BITSKIP_DECODE_KERNEL", "decode")
 if DECODE_KERNEL not in ("decode", "decode_bytes", "prefill"):
     raise ValueError(f"BITSKIP_DECODE_KERNEL must be decode, decode_bytes or prefill, got {DECODE_KERNEL!r}")
 
