@@ -356,6 +356,22 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self._detokenizers.pop(seq, None)
 
+    # ---- start-up ------------------------------------------------------------------------------
+    def warm_up(self) -> int:
+        """With CUDA graphs: compile, autotune and capture every decode batch bucket (and the
+        prefill shapes its prompts give) before the first request, so no request waits for it.
+        A few greedy requests per bucket, at full depth (every depth segment). Returns the
+        number of graphs captured; 0 where decode steps run eagerly (CPU, --enforce-eager)."""
+        graphs = self.runner.decode_graphs
+        if graphs is None or not graphs.cuda_graphs or self.has_unfinished():
+            return 0
+        params = SamplingParams(max_tokens=4, ignore_eos=True)
+        vocab = self.model_config.vocab_size
+        for b in graphs.buckets:
+            length = max(2, min(16, self.config.max_num_batched_tokens // b))
+            self.generate([[(7 * i + j) % vocab for j in range(length)] for i in range(b)], params)
+        return len(graphs.graphs)
+
     # ---- offline use -------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
                  exit_layers: list[int] | int | None = None) -> list[Sequence]:

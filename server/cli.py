@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/metrics needs the API key too (default: open, like /health and /ready)")
     s.add_argument("--log-level", default="info")
     _add_device_args(s, eager=True)
+    s.add_argument("--skip-warmup", action="store_true",
+                   help="GPU: do not capture the decode graphs of every batch size at start-up "
+                        "(the first request of each batch size then waits for them)")
     return p
 
 
@@ -277,7 +280,12 @@ def cmd_serve(args) -> None:
     engine = LLMEngine(load_model(path, args.tokenizer, args.generation), EngineConfig(
         max_num_seqs=args.max_batch, max_num_batched_tokens=args.max_batched_tokens,
         num_threads=threads, device=args.device, backend=args.backend, enforce_eager=args.enforce_eager))
-    logging.getLogger("bitskip.server").info("engine on %s; %d torch threads", engine.backend.describe(), threads)
+    log = logging.getLogger("bitskip.server")
+    log.info("engine on %s; %d torch threads", engine.backend.describe(), threads)
+    if not args.skip_warmup:
+        t0 = time.perf_counter()
+        if captured := engine.warm_up():
+            log.info("warm-up: %d decode graphs captured in %.1f s", captured, time.perf_counter() - t0)
     settings = ServerSettings(model_name=path.name, api_key=args.api_key, max_queue=args.max_queue,
                               drain_timeout=args.drain_timeout, max_body_bytes=args.max_body_bytes,
                               metrics_auth=args.metrics_auth, max_perplexity_tokens=args.max_perplexity_tokens)

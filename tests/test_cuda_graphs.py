@@ -49,3 +49,23 @@ def test_a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch(ckpt):
     while engine2.has_unfinished():
         engine2.step()
     assert seqs[1].output_ids == alone
+
+
+def test_warm_up_captures_every_bucket_and_segment_before_the_first_request(ckpt):
+    engine = LLMEngine(ckpt, EngineConfig(device="cuda", max_num_seqs=8))
+    graphs = engine.runner.decode_graphs
+    segments = len(graphs.stops)
+    assert engine.warm_up() == len(graphs.buckets) * segments == len(graphs.graphs)
+    assert not engine.has_unfinished() and engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    captured = dict(graphs.graphs)
+    prompts, exits = [[4, 5, 6], [7], [8, 9]], [None, 1, 2]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    warm = [s.output_ids for s in engine.generate(prompts, params, exits)]
+    assert graphs.graphs == captured          # nothing captured while serving
+    cold = LLMEngine(ckpt, EngineConfig(device="cuda", max_num_seqs=8))
+    assert [s.output_ids for s in cold.generate(prompts, params, exits)] == warm
+
+
+def test_warm_up_does_nothing_without_graphs(ckpt):
+    engine = LLMEngine(ckpt, EngineConfig(device="cuda", enforce_eager=True, max_num_seqs=8))
+    assert engine.warm_up() == 0 and engine.runner.decode_graphs.steps == 0
