@@ -36,7 +36,10 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), device=logits.device)
         x = logits[seen]
-        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+        # A tiny r (5e-324 is valid) overflows positive logits to inf, and softmax over several
+        # infs is NaN: they saturate at the largest double instead (and tie there).
+        logits[seen] = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty).clamp(
+            max=torch.finfo(logits.dtype).max)
     if output_ids and (p.frequency_penalty or p.presence_penalty):
         counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel()).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)

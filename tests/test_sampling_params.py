@@ -68,6 +68,22 @@ def test_penalties_and_bias_match_their_formulas(v1, engine):
     assert plain.output_ids != seq.output_ids  # the fields change something
 
 
+def test_subnormal_repetition_penalty_draws_a_seen_token(v1, engine):
+    """repetition_penalty 5e-324 is valid (> 0): it divides every seen positive logit by a
+    subnormal, which used to overflow them to inf and softmax to NaN (a 500, found by
+    schemathesis). Now they saturate and tie: each token drawn is a seen one whose logit at
+    that step is positive (any other is (almost) infinitely less likely)."""
+    model = v1[0]
+    seq = run(engine, SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.0, seed=3,
+                                     repetition_penalty=5e-324), 3)
+    assert len(seq.output_ids) == 6
+    logits = ref_logits(model, PROMPT + seq.output_ids, 3)[len(PROMPT) - 1:]
+    for i, t in enumerate(seq.output_ids):
+        seen = set(PROMPT) | set(seq.output_ids[:i])
+        assert any(logits[i, s] > 0 for s in seen)  # else the test would not test the saturation
+        assert t in seen and logits[i, t] > 0
+
+
 def test_min_tokens_holds_back_eos_and_stop_token_ids(engine):
     eos_first = SamplingParams(max_tokens=10, logit_bias={EOS_ID: 100.0})
     assert run(engine, eos_first).output_ids == [EOS_ID]

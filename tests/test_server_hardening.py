@@ -127,6 +127,17 @@ def test_subnormal_temperature_samples_the_top_token(ckpt, stream):
     assert result["token_ids"] == greedy.json()["token_ids"]
 
 
+def test_subnormal_repetition_penalty_is_not_a_500(ckpt):
+    """The case schemathesis found (its exact body): a repetition_penalty of 5e-324 overflowed
+    the seen tokens' logits to inf and the sampler to NaN (500)."""
+    body = {"repetition_penalty": 5e-324, "presence_penalty": 2.2231975296384335e-297,
+            "prompt": [0.0, 180, 74, 210.0, 106, 192, 73], "stop": None, "top_k": 629.0, "max_tokens": 4,
+            "echo": False, "exit_layer": 3.0}
+    r = call(ckpt, "POST", "/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
 # ---- finding 4: amplification --------------------------------------------------------------------
 def test_million_item_stop_list_is_refused_fast(ckpt):
     r = call(ckpt, "POST", "/generate", json={"prompt": "x", "stop": ["a"] * 1_000_000})
