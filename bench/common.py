@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -21,3 +22,14 @@ def write_json(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def decode_seconds(engine, seq) -> float:
+    """Step `engine` (running `seq` alone) to `seq`'s first token, then time the rest of it: the
+    decode time, prefill excluded."""
+    while seq.first_token_time is None:
+        engine.step()
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - t0

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import git_commit  # bench/ is the script's directory, first on sys.path
+from common import decode_seconds, git_commit  # bench/ is the script's directory, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -72,12 +72,7 @@ def decode(engine: LLMEngine, prompts: list[list[int]], new_tokens: int, confide
     seconds, tokens, exits = 0.0, 0, []
     for p in prompts:
         seq = engine.add_request(p, params, confidence=confidence)
-        while seq.first_token_time is None:
-            engine.step()
-        t0 = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        seconds += time.perf_counter() - t0
+        seconds += decode_seconds(engine, seq)
         tokens += len(seq.output_ids) - 1
         exits += seq.exit_layers
     return tokens / seconds, statistics.mean(exits)

@@ -20,6 +20,7 @@ from typing import Callable
 from .exit_policy import ConfidenceRule
 from .llm_engine import LLMEngine, StepOutput
 from .sequence import SamplingParams, Sequence
+from .speculative import SpeculativeRule
 
 log = logging.getLogger("bitskip.engine")
 
@@ -109,9 +110,11 @@ class AsyncEngine:
         return len(self.engine.scheduler.waiting) + self._pending
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, exit_layer: int | None = None,
-               confidence: ConfidenceRule | None = None) -> RequestStream:
+               confidence: ConfidenceRule | None = None,
+               speculative: SpeculativeRule | None = None) -> RequestStream:
         """Queue a request. Raises ValueError (bad request), QueueFull or EngineStopped."""
-        return self._enqueue(lambda: self.engine.validate_request(prompt_ids, params, exit_layer, confidence))
+        return self._enqueue(lambda: self.engine.validate_request(prompt_ids, params, exit_layer, confidence,
+                                                                  speculative))
 
     def submit_scoring(self, ids: list[int], exit_layers: list[int]) -> RequestStream:
         """Queue a perplexity request; its one output (finished) comes when every window has run."""

@@ -23,6 +23,7 @@ from .perplexity import PerplexityResult, Scoring
 from .sampler import adjust_logits, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
+from .speculative import Speculation, SpeculativeRule
 from .weights import ModelWeights
 
 log = logging.getLogger("bitskip.engine")
@@ -50,6 +51,7 @@ class StepOutput:
     finished: bool
     error: str | None = None
     exit_layer: int | None = None  # the depth the token's logits came from
+    speculated: tuple[int, int] | None = None  # (drafted, accepted) of the round this token ends
 
 
 class LLMEngine:
@@ -64,6 +66,7 @@ class LLMEngine:
         self.bos_id: int | None = gen.get("bos_token_id")
         eos = gen.get("eos_token_id")
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.generation_config = gen
         self.weights = ModelWeights.from_checkpoint(ckpt, self.backend)
         # Said with every response of the server, and here once at startup.
         self.warnings: list[str] = [] if mc.causal else [NON_CAUSAL_WARNING]
@@ -125,15 +128,42 @@ class LLMEngine:
                              f"1..{L - 1}) or min_exit_layer given explicitly")
         return ConfidenceRule(threshold, points, min_exit_layer or 1, measure)
 
+    def speculative_rule(self, draft_exit_layer: int | None = None, num_draft_tokens: int | None = None,
+                         draft_confidence: float | None = None) -> SpeculativeRule:
+        """The speculative policy; unset fields come from generation_config.json, else E is the
+        shallowest exit point, k is 4 and drafting never stops early. ValueError names a bad field."""
+        L, gen = self.model_config.num_hidden_layers, self.generation_config
+        if not self.model_config.causal:
+            raise ValueError("policy 'speculative' needs a causal model (this one recomputes every "
+                             "position per token); use the fixed policy")
+        if draft_exit_layer is None:
+            shallow = [p for p in self.model_config.exit_points if p < L]
+            draft_exit_layer = gen.get("draft_exit_layer", shallow[0] if shallow else max(1, L // 4))
+        if num_draft_tokens is None:
+            num_draft_tokens = gen.get("num_draft_tokens", 4)
+        if draft_confidence is None:
+            draft_confidence = gen.get("draft_confidence", 0.0)
+        if type(draft_exit_layer) is not int or not 1 <= draft_exit_layer < L:
+            raise ValueError(f"draft_exit_layer must be in 1..{L - 1}, got {draft_exit_layer!r}")
+        limit = self.config.max_num_batched_tokens - 1  # a verify step computes k + 1 tokens
+        if type(num_draft_tokens) is int and num_draft_tokens > limit:
+            raise ValueError(f"num_draft_tokens must be at most {limit} (the step budget), "
+                             f"got {num_draft_tokens}")
+        return SpeculativeRule(draft_exit_layer, num_draft_tokens, draft_confidence)
+
     def validate_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-                         exit_layer: int | None = None, confidence: ConfidenceRule | None = None) -> Sequence:
-        """A new Sequence for this request (a fixed `exit_layer`, default L, or a `confidence`
-        rule); raises ValueError naming the field when it cannot be served. Touches no engine
-        state, so any thread may call it."""
+                         exit_layer: int | None = None, confidence: ConfidenceRule | None = None,
+                         speculative: SpeculativeRule | None = None) -> Sequence:
+        """A new Sequence for this request (a fixed `exit_layer`, default L, a `confidence` rule
+        or a `speculative` rule); raises ValueError naming the field when it cannot be served.
+        Touches no engine state, so any thread may call it."""
         mc = self.model_config
-        if confidence is not None and exit_layer is not None:
+        if (confidence is not None or speculative is not None) and exit_layer is not None:
             raise ValueError("exit_layer applies to the fixed policy only; the confidence policy "
-                             "takes threshold and min_exit_layer")
+                             "takes threshold and min_exit_layer, the speculative policy "
+                             "draft_exit_layer and num_draft_tokens")
+        if confidence is not None and speculative is not None:
+            raise ValueError("a request takes one policy: confidence or speculative")
         exit_layer = mc.num_hidden_layers if exit_layer is None else exit_layer
         if type(exit_layer) is not int or not 1 <= exit_layer <= mc.num_hidden_layers:
             raise ValueError(f"exit_layer must be in 1..{mc.num_hidden_layers}, got {exit_layer!r}")
@@ -157,7 +187,8 @@ class LLMEngine:
                 len(prompt_ids) + params.max_tokens, mc.max_position_embeddings))
             if need > self.kv_cache.num_blocks:
                 raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
-        return Sequence(list(prompt_ids), params, exit_layer, confidence)
+        return Sequence(list(prompt_ids), params, exit_layer, confidence,
+                        Speculation(speculative) if speculative else None)
 
     def validate_scoring(self, ids: list[int], exit_layers: list[int]) -> Sequence:
         """A perplexity request as a Sequence: its windows run as prompt chunks at the deepest
@@ -184,9 +215,10 @@ class LLMEngine:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
                     exit_layer: int | None = None, request_id: str | None = None,
-                    confidence: ConfidenceRule | None = None) -> Sequence:
+                    confidence: ConfidenceRule | None = None,
+                    speculative: SpeculativeRule | None = None) -> Sequence:
         """Validate and queue a request; raises ValueError naming the field when it cannot be served."""
-        seq = self.validate_request(prompt_ids, params, exit_layer, confidence)
+        seq = self.validate_request(prompt_ids, params, exit_layer, confidence, speculative)
         if request_id is not None:
             seq.request_id = request_id
         self.add_sequence(seq)
@@ -218,6 +250,9 @@ class LLMEngine:
         drawn = []  # (sequence, logits of its next token, exit layer)
         outputs = []
         for (seq, n), row in zip(batch, rows):
+            if seq.speculation is not None and seq.speculation.length:
+                outputs += self._speculated(seq, next(results))
+                continue
             seq.num_computed += n
             if row is None:
                 continue
@@ -319,6 +354,10 @@ class LLMEngine:
                 return None
             return Row(seq.all_ids, 0, depth, None, {depth: "all" if scoring else "last"},
                        None if scoring else seq.confidence)
+        if seq.speculation is not None:
+            row = seq.speculation.next_row(seq, self.model_config)
+            if row is not None:
+                return row
         tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
         if scoring:
             return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "all"})
@@ -326,6 +365,25 @@ class LLMEngine:
             depth = seq.confidence.first_exit(self.model_config.num_hidden_layers)
         return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
                    seq.confidence, seq.pending)
+
+    def _speculated(self, seq: Sequence, res) -> list[StepOutput]:
+        """A speculative round's step: a draft emits nothing, a verify emits its accepted tokens
+        (until the sequence finishes)."""
+        outputs = []
+        try:
+            spec = seq.speculation
+            tokens = spec.advance(seq, res, lambda logits, output_ids: adjust_logits(
+                logits, seq.params, seq.prompt_ids, output_ids, self._stop_ids(seq)))
+            for j, token in enumerate(tokens):  # the verify's logits at L of position j chose it
+                outputs.append(self._append_token(seq, token, spec.verified[j], self.model_config.num_hidden_layers))
+                if seq.finished:
+                    break
+        except Exception as e:  # one request's failure must not end the others
+            self.abort(seq, reason="error")
+            return outputs + [StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}")]
+        if outputs:
+            outputs[0].speculated = seq.speculation.last_round
+        return outputs
 
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor, exit_layer: int) -> StepOutput:
         p = seq.params

@@ -8,7 +8,9 @@ Deferred KV fills: a confidence row may carry `pending` tokens, earlier tokens o
 that exited below L and so have no KV above their depth. Token t joins the row at block
 depth_t + 1, as an extra row in position order, so that when the new token reaches a block, every
 earlier position has its keys and values there: the cache always equals what full-depth
-processing of the same tokens would have written.
+processing of the same tokens would have written. A speculative round uses the same mechanism:
+its drafted tokens stop at the draft exit (`keep_states`), and the verifying row carries them as
+pending tokens that join at the block after it.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class Pending:
 class Row:
     """`tokens` at positions start, start + 1, ... (`kv` None: attend only within `tokens` and
     cache nothing, as perplexity windows do). `heads`: exit layer -> which positions get logits
-    ("last" for sampling, "all" for scoring). With `confidence` (and a head wanted at `depth`),
-    the row leaves at the first exit point where the rule accepts the last token's logits, else
-    at `depth`; its result then says which of its tokens stop below L (`RowResult.pending`)."""
+    ("last" for sampling, "all" for every token that ran the block, pending ones included). With
+    `confidence` (and a head wanted at `depth`), the row leaves at the first exit point where the
+    rule accepts the last token's logits, else at `depth`. Confidence rows, and rows with
+    `keep_states`, say in their result which of their tokens stop below L (`RowResult.pending`)."""
 
     tokens: list[int]
     start: int
@@ -55,13 +58,14 @@ class Row:
     heads: dict[int, HeadRequest] = field(default_factory=dict)
     confidence: ConfidenceRule | None = None
     pending: Pending | None = None
+    keep_states: bool = False
 
 
 @dataclass
 class RowResult:
     logits: dict[int, torch.Tensor]   # exit layer -> [1 or n, vocab]
     exit_layer: int                   # the block the row left after
-    pending: Pending | None = None    # confidence rows: its tokens that now stop below L
+    pending: Pending | None = None    # confidence and keep_states rows: tokens now stopping below L
 
 
 @dataclass
@@ -218,9 +222,8 @@ class ModelRunner:
         leaving |= confident
         wanted = [lv for lv in live if layer in lv.row.heads and lv.index not in confident]
         if wanted:
-            # The row's own tokens are the last ones and always running: rows h[b - n:b].
-            spans = [(lv.b - len(lv.row.tokens) if lv.row.heads[layer] == "all" else lv.b - 1, lv.b)
-                     for lv in wanted]
+            # The row's own tokens are the last ones and always running: the last is h[b - 1].
+            spans = [(lv.a if lv.row.heads[layer] == "all" else lv.b - 1, lv.b) for lv in wanted]
             logits = self.head(torch.cat([h[a:b] for a, b in spans]))
             offset = 0
             for lv, (a, b) in zip(wanted, spans):
@@ -231,7 +234,7 @@ class ModelRunner:
             if lv.index in leaving:
                 res = results[lv.index] = results[lv.index] or RowResult({}, layer)
                 res.exit_layer = layer
-                if lv.row.confidence is not None:
+                if lv.row.confidence is not None or lv.row.keep_states:
                     res.pending = self._pending_after(lv, lv.current(h), layer)
         return [lv for lv in live if lv.index not in leaving]
 
@@ -256,23 +259,27 @@ class ModelRunner:
         layout = _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
                          torch.tensor([sp.a for sp in decode], dtype=torch.long, device=self.device),
                          torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long, device=self.device),
-                         sum(max(0, lv.num_pending - lv.first) for lv in live))
-        if self.native_blocks is not None and len(decode) == len(spans) and not layout.pending_tokens:
+                         sum(max(0, lv.num_pending - lv.first) for lv in live if lv.row.confidence))
+        # The native block computes cached tokens one after another, each writing its KV before it
+        # attends: a speculative verify's drafted tokens (pending, in position order) qualify too.
+        if self.native_blocks is not None and all(
+                sp.kv is not None and (sp.b - sp.a == 1 or (lv.num_pending and not lv.row.confidence))
+                for sp, lv in zip(spans, live)) and not layout.pending_tokens:
             layout.native_positions = positions
-            layout.native_tables = self._all_block_tables(decode, max(lv.row.depth for lv in live))
+            layout.native_tables = self._all_block_tables(spans, max(lv.row.depth for lv in live))
         return layout
 
-    def _all_block_tables(self, decode: list[_Span], depth: int) -> torch.Tensor:
-        """Every layer's cache blocks of each decode row, long [depth, rows, width], built once per
-        layout (a row that leaves earlier has no blocks past its depth: padded, never read)."""
-        width = -(-max(sp.start + 1 for sp in decode) // self.kv_cache.block_size)
+    def _all_block_tables(self, spans: list[_Span], depth: int) -> torch.Tensor:
+        """Every layer's cache blocks of each running token, long [depth, tokens, width], built once
+        per layout (a row that leaves earlier has no blocks past its depth: padded, never read)."""
+        width = -(-max(sp.start + sp.b - sp.a for sp in spans) // self.kv_cache.block_size)
 
         def padded(tables: list[list[int]], layer: int) -> list[int]:
             t = tables[layer][:width] if layer < len(tables) else []
             return t + [0] * (width - len(t))
 
-        return torch.tensor([[padded(sp.kv.tables, layer) for sp in decode] for layer in range(depth)],
-                            dtype=torch.long)
+        return torch.tensor([[padded(sp.kv.tables, layer) for sp in spans for _ in range(sp.b - sp.a)]
+                             for layer in range(depth)], dtype=torch.long)
 
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
         if layout.native_tables is not None:

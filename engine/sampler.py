@@ -46,10 +46,8 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits [vocab] -> token id."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities (float64 [vocab]) a temperature > 0 sample is drawn from, filters applied."""
     # Shift by the max first: softmax is unchanged, and a tiny temperature (5e-324) then sends
     # every other logit to -inf and the top one to 0 instead of overflowing them all to inf.
     logits = logits.double()
@@ -63,5 +61,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
         outside = probs.cumsum(-1) - probs >= params.top_p
         logits = logits.index_fill(0, order[outside], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """logits [vocab] -> token id."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(distribution(logits, params), 1, generator=generator))

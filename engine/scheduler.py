@@ -56,9 +56,12 @@ class Scheduler:
             if seq not in self.running:  # preempted below to make room for an earlier one
                 continue
             n = min(seq.num_tokens - seq.num_computed, self._budget)
-            if n <= 0:
+            # A speculative round writes positions past the tokens, and its verify step computes
+            # the drafted tokens too; a verify that does not fit waits for the next step.
+            ahead, joining = seq.speculation.lookahead if seq.speculation else (0, 0)
+            if n <= 0 or n + joining > self._budget:
                 continue
-            while not self._reserve(seq, n):
+            while not self._reserve(seq, n + ahead):
                 batched = {s for s, _ in batch}
                 victim = next(s for s in reversed(self.running) if s not in batched)
                 self._preempt(victim)
@@ -66,7 +69,7 @@ class Scheduler:
                     break
             else:
                 batch.append((seq, n))
-                self._budget -= n
+                self._budget -= n + joining
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its KV blocks."""
@@ -90,6 +93,8 @@ class Scheduler:
         self._release(seq)
         seq.num_computed = 0
         seq.pending = None
+        if seq.speculation:
+            seq.speculation.reset()
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

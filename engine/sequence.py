@@ -17,6 +17,7 @@ from .kv_cache import SequenceKV
 if TYPE_CHECKING:
     from .model_runner import Pending
     from .perplexity import Scoring
+    from .speculative import Speculation
 
 _ids = itertools.count()
 
@@ -88,8 +89,9 @@ class Status(enum.Enum):
 class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
-    exit_layer: int                                       # fixed policy: the depth; confidence: L
+    exit_layer: int                                       # fixed policy: the depth; otherwise L
     confidence: ConfidenceRule | None = None              # set for the confidence policy
+    speculation: Speculation | None = None                # set for the speculative policy
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     output_ids: list[int] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # depth each output token ran at
@@ -116,7 +118,9 @@ class Sequence:
 
     @property
     def exit_label(self) -> str:
-        """The metrics label: the fixed exit layer, or "dynamic" for the confidence policy."""
+        """The metrics label: the fixed exit layer, "dynamic" (confidence) or "speculative"."""
+        if self.speculation:
+            return "speculative"
         return "dynamic" if self.confidence else str(self.exit_layer)
 
     @property

@@ -1,5 +1,5 @@
 """Load test for BitSkip Serve: users mix fixed exits (18 and 24 of a 24-layer model) with the
-confidence policy, streamed and not, on the prompts in prompts.txt.
+confidence and speculative policies, streamed and not, on the prompts in prompts.txt.
 
     locust -f loadtest/ --headless -u 32 -r 8 -t 1m -H http://localhost:8000
     locust -f loadtest/ --headless -u 8 -r 8 -t 30s -H http://localhost:8000 \\
@@ -11,10 +11,11 @@ layers and scaled to the served model's depth, read from /v1/models at start: ag
 tiny-test model, 18 and 24 become 3 and 4.
 
 Locust entries: `/generate exit=K` (and `... stream`, whose time is time to response headers),
-`/generate policy=confidence`, and for streams `ttft exit=K` (request sent to first token event)
+`/generate policy=confidence`, `/generate policy=speculative`, and for streams `ttft exit=K` (request sent to first token event)
 and `inter-token exit=K` (one sample per gap between token events), request type SSE. A server
-that answers policy="confidence" with 422 naming the field `policy` does not support that policy
-yet: such answers are counted under `/generate policy=confidence (not supported)`, not as failures.
+that answers policy="confidence" (or "speculative") with 422 naming the field `policy` does not
+support that policy yet: such answers are counted under `/generate policy=confidence (not
+supported)`, not as failures.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def add_arguments(parser):
                    help="fraction of requests with policy=confidence (default 0.1)")
     parser.add_argument("--confidence-threshold", env_var="LOCUST_CONFIDENCE_THRESHOLD", type=float, default=0.9,
                    help="threshold sent with confidence requests (default 0.9)")
+    parser.add_argument("--speculative-share", env_var="LOCUST_SPECULATIVE_SHARE", type=float, default=0.1,
+                   help="fraction of requests with policy=speculative (server's default draft exit; default 0.1)")
     parser.add_argument("--stream-share", env_var="LOCUST_STREAM_SHARE", type=float, default=0.3,
                    help="fraction of requests streamed as server-sent events (default 0.3)")
     parser.add_argument("--prompt-lengths", env_var="LOCUST_PROMPT_LENGTHS", default="short,medium,long",
@@ -92,6 +95,7 @@ class LoadMix:
     reference_layers: int
     confidence_share: float
     confidence_threshold: float
+    speculative_share: float
     stream_share: float
     prompt_lengths: tuple[str, ...]
     max_tokens: int
@@ -118,11 +122,13 @@ class LoadMix:
             problems.append(f"--exit-layers={o.exit_layers}: each must be in 1..{o.reference_layers}")
         if len(weights) != len(layers) or any(w < 0 for w in weights) or (layers and not sum(weights)):
             problems.append(f"--exit-weights={o.exit_weights}: one weight >= 0 per exit layer, not all 0")
-        for name in ("confidence_share", "stream_share"):
+        for name in ("confidence_share", "speculative_share", "stream_share"):
             if not 0 <= getattr(o, name) <= 1:
                 problems.append(f"--{name.replace('_', '-')}={getattr(o, name)}: must be in 0..1")
-        if not layers and o.confidence_share < 1:
-            problems.append("--exit-layers is empty: then --confidence-share must be 1")
+        if o.confidence_share + o.speculative_share > 1:
+            problems.append("--confidence-share plus --speculative-share must be at most 1")
+        if not layers and o.confidence_share + o.speculative_share < 1:
+            problems.append("--exit-layers is empty: then the policy shares must add up to 1")
         if not lengths or set(lengths) - set(LENGTH_CLASSES):
             problems.append(f"--prompt-lengths={o.prompt_lengths}: choose from {', '.join(LENGTH_CLASSES)}")
         if o.max_tokens < 1:
@@ -132,7 +138,7 @@ class LoadMix:
         if problems:
             raise ValueError("bad load-test options: " + "; ".join(problems))
         return cls(layers, weights, o.reference_layers, o.confidence_share, o.confidence_threshold,
-                   o.stream_share, lengths, o.max_tokens, o.temperature, (think[0], think[1]), o.api_key or "")
+                   o.speculative_share, o.stream_share, lengths, o.max_tokens, o.temperature, (think[0], think[1]), o.api_key or "")
 
 
 def _defaults():
@@ -157,7 +163,7 @@ class ServedModel:
 
 
 _served: ServedModel | None = None
-_unsupported = {"confidence": 0}
+_unsupported = {"confidence": 0, "speculative": 0}
 
 
 class BitSkipUser(HttpUser):
@@ -193,9 +199,13 @@ class BitSkipUser(HttpUser):
         body = {"prompt": clip_prompt(random.choice(self.prompts), self.prompt_bytes),
                 "max_tokens": self.max_tokens, "temperature": self.mix.temperature, "top_p": 0.95}
         stream = random.random() < self.mix.stream_share
-        if random.random() < self.mix.confidence_share:
+        policy = random.random()
+        if policy < self.mix.confidence_share:
             body.update(policy="confidence", threshold=self.mix.confidence_threshold)
             self.request("/generate", body, stream, "policy=confidence", "confidence", None)
+        elif policy < self.mix.confidence_share + self.mix.speculative_share:
+            body.update(policy="speculative")  # every token is the full model's
+            self.request("/generate", body, stream, "policy=speculative", "speculative", self.model.num_layers)
         else:
             k = random.choices(self.exits, weights=self.mix.exit_weights)[0]
             self.request(f"/generate?exit_layer={k}", body, stream, f"exit={k}", f"exit={k}", k)
@@ -207,8 +217,8 @@ class BitSkipUser(HttpUser):
         with self.client.post(url, json={**body, "stream": stream}, name=entry, stream=stream,
                               catch_response=True) as r:
             try:
-                if r.status_code == 422 and body.get("policy") == "confidence" and _error_param(r) == "policy":
-                    self.not_supported(r, "confidence", entry)
+                if r.status_code == 422 and body.get("policy") in _unsupported and _error_param(r) == "policy":
+                    self.not_supported(r, body["policy"], entry)
                     return
                 if r.status_code != 200:
                     r.failure(f"HTTP {r.status_code}: {r.text[:200]}")

@@ -20,6 +20,7 @@ from engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestFa
 from engine.exit_policy import ConfidenceRule
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.sequence import SamplingParams, Sequence
+from engine.speculative import SpeculativeRule
 
 from . import openapi
 from .body_limit import BodyLimit
@@ -123,12 +124,30 @@ class Server:
         """`body` plus the model's warnings (no causal mask, no tokenizer), when it has any."""
         return {**body, "warnings": self.engine.warnings} if self.engine.warnings else body
 
-    def sampling_params(self, body: SamplingFields, **extra) -> tuple[SamplingParams, int | None,
-                                                                      ConfidenceRule | None]:
-        """(sampling, fixed exit layer, confidence rule) of a request body, `extra` SamplingParams
-        fields added; 422 names a bad field."""
+    def sampling_params(self, body: SamplingFields, **extra) -> tuple[
+            SamplingParams, int | None, ConfidenceRule | SpeculativeRule | None]:
+        """(sampling, fixed exit layer, confidence or speculative rule) of a request body, `extra`
+        SamplingParams fields added; 422 names a bad field."""
         exit_layer, confidence = None, None
-        if body.policy == "confidence":
+        if body.policy != "speculative":
+            for name in ("draft_exit_layer", "num_draft_tokens", "draft_confidence"):
+                if getattr(body, name) is not None:
+                    raise self.reject("validation", APIError(
+                        422, f"{name} applies to policy 'speculative' only", param=name))
+        if body.policy == "speculative":
+            if body.exit_layer is not None:
+                raise self.reject("validation", APIError(
+                    422, f"exit_layer={body.exit_layer!r} applies to policy 'fixed' only: the speculative "
+                         "policy takes draft_exit_layer, num_draft_tokens and draft_confidence",
+                    param="exit_layer"))
+            try:
+                confidence = self.engine.speculative_rule(body.draft_exit_layer, body.num_draft_tokens,
+                                                          body.draft_confidence)
+            except ValueError as e:
+                param = next((f for f in ("num_draft_tokens", "draft_exit_layer") if str(e).startswith(f)),
+                             "policy")
+                raise self.reject("validation", APIError(422, str(e), param=param)) from None
+        elif body.policy == "confidence":
             if body.exit_layer is not None:
                 raise self.reject("validation", APIError(
                     422, f"exit_layer={body.exit_layer!r} applies to policy 'fixed' only: the confidence "
@@ -159,8 +178,9 @@ class Server:
         return params, exit_layer, confidence
 
     def submit(self, ids: list[int], params: SamplingParams, exit_layer: int | None,
-               confidence: ConfidenceRule | None) -> RequestStream:
-        return self._admit(lambda: self.loop.submit(ids, params, exit_layer, confidence))
+               rule: ConfidenceRule | SpeculativeRule | None) -> RequestStream:
+        policy = {"speculative": rule} if isinstance(rule, SpeculativeRule) else {"confidence": rule}
+        return self._admit(lambda: self.loop.submit(ids, params, exit_layer, **policy))
 
     def submit_scoring(self, ids: list[int], exit_layers: list[int], param: str) -> RequestStream:
         limit = self.settings.max_perplexity_tokens
@@ -236,6 +256,8 @@ class Server:
                         m.inter_token_latency.labels(label).observe(now - last)
                     last = now
                     m.observe_tokens(label, [out.exit_layer])
+                if out.speculated is not None:
+                    m.observe_round(seq.speculation.rule.draft_exit_layer, *out.speculated)
                 yield out
             if seq.scoring is None:  # generation latency only: scoring has a scale of its own
                 m.request_latency.labels(label).observe(time.perf_counter() - seq.arrival_time)
@@ -303,8 +325,11 @@ class Server:
 
 
 def usage(seq: Sequence) -> dict:
-    return {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
-            "total_tokens": seq.num_tokens}
+    counts = {"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
+              "total_tokens": seq.num_tokens}
+    if seq.speculation is not None:
+        counts |= {"draft_tokens": seq.speculation.drafted, "accepted_draft_tokens": seq.speculation.accepted}
+    return counts
 
 
 def timing(seq: Sequence) -> dict:

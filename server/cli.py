@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-exit-layer", type=int, default=None)
     s.add_argument("--exit-points", type=_exit_layers, default=None,
                    help="confidence policy: layers it may stop at (default: the model's exit points)")
+    s.add_argument("--speculative", action="store_true",
+                   help="speculative policy: full-depth output, drafted at --draft-exit-layer")
+    s.add_argument("--draft-exit-layer", type=int, default=None)
+    s.add_argument("--num-draft-tokens", type=int, default=None)
+    s.add_argument("--draft-confidence", type=float, default=None,
+                   help="speculative: stop drafting at a draft less sure than this")
     _add_device_args(s, eager=True)
     s.add_argument("prompt")
 
@@ -182,14 +188,21 @@ def cmd_generate(args) -> None:
     confidence = None
     if args.threshold is not None:
         confidence = engine.confidence_rule(args.threshold, args.min_exit_layer, exit_points=args.exit_points)
+    speculative = (engine.speculative_rule(args.draft_exit_layer, args.num_draft_tokens, args.draft_confidence)
+                   if args.speculative else None)
     t0 = time.perf_counter()
-    seq = engine.add_request(engine.encode(args.prompt), params, args.exit_layer, confidence=confidence)
+    seq = engine.add_request(engine.encode(args.prompt), params, args.exit_layer, confidence=confidence,
+                             speculative=speculative)
     while engine.has_unfinished():
         engine.step()
     dt = time.perf_counter() - t0
     print(seq.text)
     depth = (f"mean exit layer {sum(seq.exit_layers) / max(1, len(seq.exit_layers)):.1f} (confidence)"
              if confidence else f"exit layer {seq.exit_layer}")
+    if speculative:
+        s = seq.speculation
+        depth += (f" (speculative, drafted at {speculative.draft_exit_layer}: "
+                  f"{s.accepted}/{s.drafted} drafts accepted)")
     print(f"[{len(seq.output_ids)} tokens at {depth} in {dt:.2f}s, finish_reason={seq.finish_reason}]",
           file=sys.stderr)
 

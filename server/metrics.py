@@ -1,9 +1,11 @@
 """Prometheus metrics (DESIGN section 6). The label `exit_layer` is the request's fixed exit
-layer as a string, or "dynamic" for the confidence policy."""
+layer as a string, "dynamic" for the confidence policy or "speculative"."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from engine.speculative import MAX_DRAFT_TOKENS
 
 disable_created_metrics()  # the *_created series only add noise to dashboards
 
@@ -40,8 +42,23 @@ class Metrics:
         self.deferred_kv_fills = Counter(
             "bitskip_deferred_kv_fills", "Token-blocks computed late to fill the KV of tokens that exited early",
             registry=r)
+        self.speculative_draft_tokens = Counter(
+            "bitskip_speculative_draft_tokens", "Tokens drafted at the shallow exit and verified",
+            ["draft_exit_layer"], registry=r)
+        self.speculative_accepted_tokens = Counter(
+            "bitskip_speculative_accepted_tokens", "Drafted tokens the full model agreed with",
+            ["draft_exit_layer"], registry=r)
+        self.speculative_acceptance_length = Histogram(
+            "bitskip_speculative_acceptance_length", "Drafts accepted in one verified round",
+            ["draft_exit_layer"], buckets=tuple(range(MAX_DRAFT_TOKENS + 1)), registry=r)
         self.preemptions = Counter("bitskip_preemptions", "Sequences preempted for lack of KV blocks",
                                    registry=r)
+
+    def observe_round(self, draft_exit_layer: int, drafted: int, accepted: int) -> None:
+        label = str(draft_exit_layer)
+        self.speculative_draft_tokens.labels(label).inc(drafted)
+        self.speculative_accepted_tokens.labels(label).inc(accepted)
+        self.speculative_acceptance_length.labels(label).observe(accepted)
 
     def observe_tokens(self, exit_label: str, exit_layers: list[int]) -> None:
         self.generated_tokens.labels(exit_label).inc(len(exit_layers))

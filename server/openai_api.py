@@ -126,7 +126,12 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
     def usage(choices: list[Choice], n: int) -> dict:
         prompt = sum(len(c.prompt_ids) for c in choices[::n])  # once per prompt, not per choice
         completion = sum(len(c.stream.seq.output_ids) for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        counts = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        drafts = [c.stream.seq.speculation for c in choices if c.stream.seq.speculation is not None]
+        if drafts:  # the speculative policy (as /generate reports it)
+            counts |= {"draft_tokens": sum(s.drafted for s in drafts),
+                       "accepted_draft_tokens": sum(s.accepted for s in drafts)}
+        return counts
 
     async def respond(request: Request, body: OpenAIFields, choices: list[Choice], obj: str,
                       choice_body: ChoiceBody, opening: Callable[[Choice, Callable[[], dict]], dict]):

@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
+from engine.speculative import MAX_DRAFT_TOKENS
+
 from .fields import Int, StopList, StopString, Text
 
 MAX_TOKENS_LIMIT = 4096
@@ -32,12 +34,15 @@ class SamplingFields(BaseModel):
     logit_bias: dict[Annotated[int, Strict(False)], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     stream: bool = False
     ignore_eos: bool = False
-    policy: Literal["fixed", "confidence"] = "fixed"
+    policy: Literal["fixed", "confidence", "speculative"] = "fixed"
     exit_layer: Int | None = None
     threshold: float = Field(0.9, ge=0.0, le=1.0)
     min_exit_layer: Int = 1
     exit_points: list[Int] | None = None  # confidence policy: default the model's exit points
     confidence_measure: Literal["probability", "margin"] = "probability"
+    draft_exit_layer: Int | None = None   # speculative: checked against the model's layers
+    num_draft_tokens: Int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS)
+    draft_confidence: float | None = Field(None, ge=0.0, le=1.0)
 
     @property
     def stop_list(self) -> list[str]:

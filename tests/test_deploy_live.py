@@ -125,7 +125,8 @@ def test_locust_load_and_every_dashboard_query_against_prometheus(tiny_dir, tmp_
 
         # Locust, with one option from the command line and the others from the environment.
         prefix = tmp_path / "locust"
-        env = {**os.environ, "LOCUST_CONFIDENCE_SHARE": "0.1", "LOCUST_PROMPT_LENGTHS": "short,medium,long",
+        env = {**os.environ, "LOCUST_CONFIDENCE_SHARE": "0.1", "LOCUST_SPECULATIVE_SHARE": "0.15",
+               "LOCUST_PROMPT_LENGTHS": "short,medium,long",
                "LOCUST_EXIT_LAYERS": "18,24"}
         with open(tmp_path / "locust.log", "wb") as log:
             locust = subprocess.Popen(
@@ -160,6 +161,7 @@ def test_locust_load_and_every_dashboard_query_against_prometheus(tiny_dir, tmp_
                 assert count > 0, f"no {name!r} in locust's stats:\n{locust_log}"
         # the confidence policy is served (a server without it answers 422, counted as "not supported")
         assert int(stats.get("/generate policy=confidence", {}).get("Request Count", 0)) > 0, locust_log
+        assert int(stats.get("/generate policy=speculative", {}).get("Request Count", 0)) > 0, locust_log
         assert not any("not supported" in n for n in stats), locust_log
         with open(f"{prefix}_failures.csv") as f:
             assert len(f.read().strip().splitlines()) <= 1, "locust recorded failures"
@@ -190,7 +192,7 @@ def test_locust_load_and_every_dashboard_query_against_prometheus(tiny_dir, tmp_
             assert result, f"panel {title!r}: no data for {promql}"
             assert any(math.isfinite(float(s["value"][1])) for s in result), \
                 f"panel {title!r}: only NaN for {promql}: {result}"
-            if re.search(r"by \([^)]*exit_layer", expr):
+            if re.search(r"by \([^)]*\bexit_layer\b", expr):  # not draft_exit_layer
                 shown = {s["metric"].get("exit_layer") for s in result}
                 assert set(EXITS) <= shown, f"panel {title!r}: exit layers {shown} for {promql}"
 

@@ -80,8 +80,16 @@ def test_confidence_generation_reports_each_tokens_exit_and_equals_the_engine(su
     ({"policy": "confidence", "threshold": 1.5}, "threshold"),
     ({"policy": "confidence", "confidence_measure": "entropy"}, "confidence_measure"),
     ({"policy": "sometimes"}, "policy"),
+    ({"policy": "speculative", "exit_layer": 2}, "exit_layer"),
+    ({"policy": "speculative", "draft_exit_layer": 0}, "draft_exit_layer"),
+    ({"policy": "speculative", "draft_exit_layer": L}, "draft_exit_layer"),
+    ({"policy": "speculative", "num_draft_tokens": 0}, "num_draft_tokens"),
+    ({"policy": "speculative", "num_draft_tokens": 17}, "num_draft_tokens"),
+    ({"policy": "fixed", "draft_exit_layer": 2}, "draft_exit_layer"),
+    ({"policy": "confidence", "num_draft_tokens": 2}, "num_draft_tokens"),
+    ({"policy": "speculative", "draft_confidence": 1.5}, "draft_confidence"),
 ])
-def test_bad_confidence_fields_are_422_naming_the_field(sure, body, param):
+def test_bad_policy_fields_are_422_naming_the_field(sure, body, param):
     async def go():
         app = create_app(LLMEngine(sure[1], EngineConfig()))
         async with serving(app) as client:

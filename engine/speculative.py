@@ -1,0 +1,171 @@
+"""Self-speculative decoding: draft with blocks 1..E and the shared head at E, verify with blocks
+E+1..L over every drafted position at once, keep the longest prefix the full model agrees with
+and the full model's own next token. The output is the full model's.
+
+A round of a sequence whose last token x0 has no KV yet, drafting m tokens (m <= k):
+
+- draft steps 0..m-1: x0, d1, .., d_{m-1} each run blocks 1..E (one token a step, writing KV
+  at layers 1..E), the head at E proposes d1..dm, and the runner keeps each token's layer-E
+  hidden state (`Row.keep_states`);
+- verify step: d_m runs blocks 1..E, and at block E+1 the kept states of x0..d_{m-1} join it as
+  the runner's pending tokens, so blocks E+1..L run once over the m + 1 positions and the head
+  at L gives the full model's prediction after each of them.
+
+Blocks 1..E never run twice for a token. The KV of layers 1..E does not depend on depth, so the
+draft's KV is the full model's; positions past the accepted ones (a rejected draft's KV at every
+layer) lie beyond the sequence's computed length and are overwritten by the next round, so
+rolling back is moving that length. The sequence keeps its KV blocks for the positions a round
+may write.
+
+Acceptance: greedy keeps a draft while it equals the full model's argmax. With temperature > 0
+it is the standard speculative sampling rule (draft distribution q from exit E, target p from
+exit L, both after the request's temperature, top-k and top-p): accept d with probability
+min(1, p(d) / q(d)), on rejection draw from max(0, p - q) renormalised, after m acceptances draw
+from p. Each emitted token is then distributed exactly as full-depth sampling would draw it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .model_runner import Pending, Row, RowResult
+from .sampler import distribution
+
+if TYPE_CHECKING:
+    from models.config import BitSkipConfig
+
+    from .sequence import Sequence
+
+MAX_DRAFT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SpeculativeRule:
+    """Draft up to `num_draft_tokens` tokens per round at exit `draft_exit_layer` (E < L); a
+    round stops drafting early at a draft whose top probability at E is below
+    `draft_confidence` (0: always k). Stopping early never changes the output, only how much of
+    the work is spent on drafts that would likely be rejected."""
+
+    draft_exit_layer: int
+    num_draft_tokens: int = 4
+    draft_confidence: float = 0.0
+
+    def __post_init__(self):
+        k = self.num_draft_tokens
+        if type(k) is not int or not 1 <= k <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}, got {k!r}")
+        if not 0.0 <= self.draft_confidence <= 1.0:
+            raise ValueError(f"draft_confidence must be in [0, 1], got {self.draft_confidence!r}")
+
+
+class Speculation:
+    """One sequence's speculative state: its rule, the round in progress and what it has drafted."""
+
+    def __init__(self, rule: SpeculativeRule):
+        self.rule = rule
+        self.drafted = 0                          # drafted tokens verified so far
+        self.accepted = 0                         # ... of which the full model agreed with
+        self.last_round: tuple[int, int] | None = None  # (drafted, accepted) of the latest verify
+        self.verified: torch.Tensor | None = None  # the latest verify's logits at L, one row a token
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the round in progress (its drafts were never emitted), e.g. on preemption."""
+        self.length = 0                           # drafts this round; 0 outside a round
+        self.drafts: list[int] = []
+        self.draft_probs: list[torch.Tensor] = []  # q of each draft (temperature > 0 only)
+        self.states: Pending | None = None        # layer-E states of x0, d1, ..
+
+    @property
+    def verifying(self) -> bool:
+        return self.length > 0 and len(self.drafts) == self.length
+
+    @property
+    def lookahead(self) -> tuple[int, int]:
+        """For the scheduler: (positions past the sequence's tokens that its next step writes,
+        tokens that step computes besides the scheduled one)."""
+        m = len(self.drafts)
+        return m, m if self.verifying else 0
+
+    # ---- the runner's rows -----------------------------------------------------------------
+    def next_row(self, seq: Sequence, config: BitSkipConfig) -> Row | None:
+        """The sequence's next step in a round, or None when it takes an ordinary full-depth step
+        (the prompt, a recompute after preemption, or no room left to draft)."""
+        if not seq.output_ids or seq.num_tokens - seq.num_computed != 1:
+            return None
+        if self.length == 0:
+            # Never draft past max_tokens or the context: the round emits up to m + 1 tokens.
+            self.length = min(self.rule.num_draft_tokens,
+                              seq.params.max_tokens - len(seq.output_ids) - 1,
+                              config.max_position_embeddings - seq.num_tokens)
+            if self.length <= 0:
+                self.length = 0
+                return None
+        m, E, L = len(self.drafts), self.rule.draft_exit_layer, config.num_hidden_layers
+        token = self.drafts[-1] if m else seq.all_ids[-1]
+        start = seq.num_computed + m
+        if self.verifying:
+            return Row([token], start, L, seq.kv, {L: "all"}, pending=self.states)
+        return Row([token], start, E, seq.kv, {E: "last"}, pending=self.states, keep_states=True)
+
+    def advance(self, seq: Sequence, result: RowResult,
+                adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[int]:
+        """Take the step's result: record a draft (returns []) or verify the round (returns the
+        tokens to emit, and moves the sequence's computed length past the accepted ones).
+        `adjust(logits, output_ids)`: the request's penalties and biases after those outputs,
+        applied alike to the draft's and the full model's logits at each position."""
+        params, generator = seq.params, seq.generator  # the generator lives on the CPU
+        if not self.verifying:
+            logits = adjust(result.logits[self.rule.draft_exit_layer][-1].cpu(),
+                            seq.output_ids + self.drafts)
+            if params.temperature == 0:
+                self.drafts.append(int(torch.argmax(logits)))
+            else:
+                q = distribution(logits, params)
+                self.draft_probs.append(q)
+                self.drafts.append(int(torch.multinomial(q, 1, generator=generator)))
+            self.states = result.pending
+            # An unsure draft is likely rejected, and so is everything drafted after it: verify now.
+            if self.rule.draft_confidence > 0 and (
+                    float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
+                self.length = len(self.drafts)
+            return []
+        self.verified = result.logits[max(result.logits)].cpu()  # head at L: [m + 1, vocab]
+        logits = torch.stack([adjust(row, seq.output_ids + self.drafts[:i]).double()
+                              for i, row in enumerate(self.verified)])  # after x0, d1, .., dm
+        if params.temperature == 0:
+            tokens = _accept_greedy(self.drafts, logits)
+        else:
+            tokens = _accept_sampled(self.drafts, self.draft_probs, logits, params, generator)
+        m = len(self.drafts)
+        self.drafted += m
+        self.accepted += len(tokens) - 1
+        self.last_round = (m, len(tokens) - 1)
+        seq.num_computed += len(tokens)  # x0 and the accepted drafts now have KV at every layer
+        self.reset()
+        return tokens
+
+
+def _accept_greedy(drafts: list[int], logits: torch.Tensor) -> list[int]:
+    full = torch.argmax(logits, dim=-1).tolist()
+    for i, d in enumerate(drafts):
+        if d != full[i]:
+            return drafts[:i] + [full[i]]
+    return drafts + [full[len(drafts)]]
+
+
+def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], logits: torch.Tensor,
+                    params, generator: torch.Generator) -> list[int]:
+    for i, (d, q) in enumerate(zip(drafts, draft_probs)):
+        p = distribution(logits[i], params)
+        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        if u * float(q[d]) >= float(p[d]):  # rejected: P(accept) = min(1, p(d) / q(d))
+            residual = torch.clamp(p - q, min=0.0)
+            total = float(residual.sum())
+            fix = residual / total if total > 0 else p
+            return drafts[:i] + [int(torch.multinomial(fix, 1, generator=generator))]
+    bonus = distribution(logits[len(drafts)], params)
+    return drafts + [int(torch.multinomial(bonus, 1, generator=generator))]
