@@ -23,7 +23,7 @@ from .perplexity import PerplexityResult, Scoring
 from .sampler import adjust_logits, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
-from .speculative import Speculation, SpeculativeRule
+from .speculative import MAX_DRAFT_TOKENS, Speculation, SpeculativeRule
 from .weights import ModelWeights
 
 log = logging.getLogger("bitskip.engine")
@@ -145,11 +145,16 @@ class LLMEngine:
             draft_confidence = gen.get("draft_confidence", 0.0)
         if type(draft_exit_layer) is not int or not 1 <= draft_exit_layer < L:
             raise ValueError(f"draft_exit_layer must be in 1..{L - 1}, got {draft_exit_layer!r}")
-        limit = self.config.max_num_batched_tokens - 1  # a verify step computes k + 1 tokens
+        limit = self.speculative_draft_limit
         if type(num_draft_tokens) is int and num_draft_tokens > limit:
-            raise ValueError(f"num_draft_tokens must be at most {limit} (the step budget), "
-                             f"got {num_draft_tokens}")
+            raise ValueError(f"num_draft_tokens must be in 1..{limit} (a verify step computes "
+                             f"k + 1 tokens within the step budget), got {num_draft_tokens}")
         return SpeculativeRule(draft_exit_layer, num_draft_tokens, draft_confidence)
+
+    @property
+    def speculative_draft_limit(self) -> int:
+        """The most drafts a round may take: a verify computes them and one more in one step."""
+        return min(MAX_DRAFT_TOKENS, self.config.max_num_batched_tokens - 1)
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
                          exit_layer: int | None = None, confidence: ConfidenceRule | None = None,

@@ -3,8 +3,8 @@
 FastAPI writes the schema from the request models, which cannot know the model's ranges. Here
 the generated document gets the constraints the server enforces that JSON Schema can say: exit
 layers in 1..L, token ids in 0..V-1, how many ids fit the context (or the perplexity limit),
-exactly one of prompt/token_ids (text/token_ids), and no fixed exit_layer with the confidence
-policy. What it cannot say (a prompt's length in tokens, before it is tokenized) is a
+exactly one of prompt/token_ids (text/token_ids), no fixed exit_layer with the confidence or
+speculative policy, and the speculative fields with that policy only. What it cannot say (a prompt's length in tokens, before it is tokenized) is a
 documented 413.
 """
 
@@ -13,11 +13,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 
-def install(app: FastAPI, num_layers: int, vocab_size: int, context: int, max_perplexity_tokens: int) -> None:
+def install(app: FastAPI, num_layers: int, vocab_size: int, context: int, max_perplexity_tokens: int,
+            max_draft_tokens: int) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             doc = FastAPI.openapi(app)
             _constrain(doc, num_layers, vocab_size, context, max_perplexity_tokens)
+            _speculative(doc, num_layers, max_draft_tokens)
             app.openapi_schema = doc
         return app.openapi_schema
     app.openapi = openapi
@@ -82,8 +84,10 @@ def _constrain(doc: dict, L: int, V: int, context: int, max_score: int) -> None:
         if "exit_points" in props:  # the confidence policy's exits: below the full depth
             props["exit_points"] = {"anyOf": [{"type": "array", "items": {**layer, "maximum": L - 1}},
                                               {"type": "null"}], "default": None}
-        # the confidence policy picks each token's exit: a fixed exit_layer is refused with it
-        schemas[name]["if"] = {"properties": {"policy": {"const": "confidence"}}, "required": ["policy"]}
+        # the confidence and speculative policies pick each token's depth: a fixed exit_layer is
+        # refused with them
+        schemas[name]["if"] = {"properties": {"policy": {"enum": ["confidence", "speculative"]}},
+                               "required": ["policy"]}
         schemas[name]["then"] = {"properties": {"exit_layer": {"type": "null"}}}
 
     gen = schemas["GenerateRequest"]
@@ -109,3 +113,23 @@ def _constrain(doc: dict, L: int, V: int, context: int, max_score: int) -> None:
         for param in doc["paths"][path]["post"].get("parameters", []):
             if param["name"] == "exit_layer":
                 param["schema"] = {"anyOf": [layer, {"type": "null"}], "description": param.get("description")}
+
+
+SPECULATIVE_FIELDS = ("draft_exit_layer", "num_draft_tokens", "draft_confidence")
+
+
+def _speculative(doc: dict, L: int, max_draft_tokens: int) -> None:
+    """The speculative policy's fields: a draft exit below the full depth, at most as many drafts
+    as a verify step fits in the step budget, and refused with the other policies."""
+    schemas = doc["components"]["schemas"]
+    for name in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
+        if name not in schemas or "draft_exit_layer" not in schemas[name]["properties"]:
+            continue
+        props = schemas[name]["properties"]
+        props["draft_exit_layer"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": L - 1},
+                                               {"type": "null"}], "default": None}
+        props["num_draft_tokens"] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": max_draft_tokens},
+                                               {"type": "null"}], "default": None}
+        others = {"not": {"properties": {"policy": {"const": "speculative"}}, "required": ["policy"]}}
+        schemas[name]["allOf"] = schemas[name].get("allOf", []) + [
+            {"if": others, "then": {"properties": {f: {"type": "null"} for f in SPECULATIVE_FIELDS}}}]
