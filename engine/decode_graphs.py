@@ -1,11 +1,12 @@
 """Decode steps from static buffers, replayed as CUDA graphs per batch bucket and depth segment.
 
 A decode step whose rows are all plain single-token rows (fixed exit at an exit point or L, KV
-cached, nothing pending) runs here instead of through the runner's general layout. The rows are
-ordered deepest first, so the rows that go on past an exit point are always a prefix of the
-batch; the step runs segment by segment, a segment being the blocks between consecutive exit
-points: the shared segment for every row, each deeper one for the prefix that continues. Rows
-that left are masked (length 0: no attention, their KV writes go to the cache's scratch slot).
+cached, nothing pending; a speculative draft also gets its state at its exit back) runs here
+instead of through the runner's general layout. The rows are ordered deepest first, so the rows
+that go on past an exit point are always a prefix of the batch; the step runs segment by segment,
+a segment being the blocks between consecutive exit points: the shared segment for every row,
+each deeper one for the prefix that continues. Rows that left are masked (length 0: no
+attention, their KV writes go to the cache's scratch slot).
 
 Each (bucket, segment) computes on the first `bucket` rows of fixed buffers (hidden states, RoPE
 rows, per-layer block tables, lengths, write slots), through the runner's own `_block` with the
@@ -66,7 +67,7 @@ class DecodeGraphs:
 
     # ---- one step --------------------------------------------------------------------------
     def run(self, rows: list[Row]) -> list[RowResult]:
-        from .model_runner import RowResult
+        from .model_runner import Pending, RowResult
 
         runner, cache = self.runner, self.cache
         self.steps += 1
@@ -90,7 +91,9 @@ class DecodeGraphs:
             if leaving:
                 logits = runner.head(self.h[leaving[0]:live])
                 for j, row_logits in zip(leaving, logits):
-                    results[order[j]] = RowResult({hi: row_logits[None]}, hi)
+                    # a speculative draft keeps its state after block hi for the verify step
+                    kept = Pending(self.h[j:j + 1].clone(), [hi]) if rows[order[j]].keep_states else None
+                    results[order[j]] = RowResult({hi: row_logits[None]}, hi, kept)
             lo = hi
         return results
 

@@ -5,8 +5,8 @@ and the full model's own next token. The output is the full model's.
 A round of a sequence whose last token x0 has no KV yet, drafting m tokens (m <= k):
 
 - draft steps 0..m-1: x0, d1, .., d_{m-1} each run blocks 1..E (one token a step, writing KV
-  at layers 1..E), the head at E proposes d1..dm, and the runner keeps each token's layer-E
-  hidden state (`Row.keep_states`);
+  at layers 1..E), the head at E proposes d1..dm, and the runner returns each token's layer-E
+  hidden state (`Row.keep_states`), which the round keeps;
 - verify step: d_m runs blocks 1..E, and at block E+1 the kept states of x0..d_{m-1} join it as
   the runner's pending tokens, so blocks E+1..L run once over the m + 1 positions and the head
   at L gives the full model's prediction after each of them.
@@ -109,7 +109,9 @@ class Speculation:
         start = seq.num_computed + m
         if self.verifying:
             return Row([token], start, L, seq.kv, {L: "all"}, pending=self.states)
-        return Row([token], start, E, seq.kv, {E: "last"}, pending=self.states, keep_states=True)
+        # A draft is a plain one-token row (the decode fast paths take it); the states of the
+        # earlier drafts wait here, since they join only at block E + 1.
+        return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True)
 
     def advance(self, seq: Sequence, result: RowResult,
                 adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[int]:
@@ -127,7 +129,8 @@ class Speculation:
                 q = distribution(logits, params)
                 self.draft_probs.append(q)
                 self.drafts.append(int(torch.multinomial(q, 1, generator=generator)))
-            self.states = result.pending
+            self.states = result.pending if self.states is None else Pending(
+                torch.cat([self.states.hidden, result.pending.hidden]), self.states.depths + result.pending.depths)
             # An unsure draft is likely rejected, and so is everything drafted after it: verify now.
             if self.rule.draft_confidence > 0 and (
                     float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
@@ -161,7 +164,7 @@ def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], logits: 
                     params, generator: torch.Generator) -> list[int]:
     for i, (d, q) in enumerate(zip(drafts, draft_probs)):
         p = distribution(logits[i], params)
-        u = float(torch.rand((), generator=generator, dtype=torch.float64))
+        u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device))
         if u * float(q[d]) >= float(p[d]):  # rejected: P(accept) = min(1, p(d) / q(d))
             residual = torch.clamp(p - q, min=0.0)
             total = float(residual.sum())
