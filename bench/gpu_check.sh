@@ -37,7 +37,7 @@ else
     LEVELS=1,8,32 PER_CLIENT=2 SERVE_TOKENS=64 SERVE_PROMPT="The meaning of an early exit is"
     BUDGET=${BUDGET:-420} SCALE=1
     TESTS=(tests/test_triton_kernels.py tests/test_triton_runner.py tests/test_device_sampler.py
-           tests/test_cuda_graphs.py)
+           tests/test_cuda_graphs.py tests/test_triton_speculative.py)
 fi
 
 START=$SECONDS
