@@ -378,7 +378,7 @@ class LLMEngine:
         try:
             spec = seq.speculation
             tokens = spec.advance(seq, res, lambda logits, output_ids: adjust_logits(
-                logits, seq.params, seq.prompt_ids, output_ids, self._stop_ids(seq)))
+                logits, seq.params, seq.prompt_ids, output_ids, self._stop_ids(seq)), self.runner.head)
             for j, token in enumerate(tokens):  # the verify's logits at L of position j chose it
                 outputs.append(self._append_token(seq, token, spec.verified[j], self.model_config.num_hidden_layers))
                 if seq.finished:

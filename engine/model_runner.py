@@ -30,7 +30,9 @@ from .kernels.native.block import decode_blocks
 from .kv_cache import KVCache, SequenceKV
 from .weights import LayerWeights, ModelWeights, Norm
 
-HeadRequest = Literal["last", "all"]
+# "states": the hidden states of every token that ran the block, no head applied (a speculative
+# verify applies it to the positions it turns out to need)
+HeadRequest = Literal["last", "all", "states"]
 
 
 @dataclass
@@ -66,6 +68,7 @@ class RowResult:
     logits: dict[int, torch.Tensor]   # exit layer -> [1 or n, vocab]
     exit_layer: int                   # the block the row left after
     pending: Pending | None = None    # confidence and keep_states rows: tokens now stopping below L
+    states: torch.Tensor | None = None  # heads "states": [n, hidden] after the row's last block
 
 
 @dataclass
@@ -221,6 +224,11 @@ class ModelRunner:
                     results[lv.index] = RowResult({layer: row_logits[None]}, layer)
         leaving |= confident
         wanted = [lv for lv in live if layer in lv.row.heads and lv.index not in confident]
+        for lv in wanted:
+            if lv.row.heads[layer] == "states":
+                res = results[lv.index] = results[lv.index] or RowResult({}, layer)
+                res.states = h[lv.a:lv.b].clone()
+        wanted = [lv for lv in wanted if lv.row.heads[layer] != "states"]
         if wanted:
             # The row's own tokens are the last ones and always running: the last is h[b - 1].
             spans = [(lv.a if lv.row.heads[layer] == "all" else lv.b - 1, lv.b) for lv in wanted]

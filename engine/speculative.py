@@ -8,8 +8,9 @@ A round of a sequence whose last token x0 has no KV yet, drafting m tokens (m <=
   at layers 1..E), the head at E proposes d1..dm, and the runner returns each token's layer-E
   hidden state (`Row.keep_states`), which the round keeps;
 - verify step: d_m runs blocks 1..E, and at block E+1 the kept states of x0..d_{m-1} join it as
-  the runner's pending tokens, so blocks E+1..L run once over the m + 1 positions and the head
-  at L gives the full model's prediction after each of them.
+  the runner's pending tokens, so blocks E+1..L run once over the m + 1 positions; the head at
+  L then gives the full model's prediction after each of them, position by position up to the
+  first rejection.
 
 Blocks 1..E never run twice for a token. The KV of layers 1..E does not depend on depth, so the
 draft's KV is the full model's; positions past the accepted ones (a rejected draft's KV at every
@@ -69,7 +70,7 @@ class Speculation:
         self.drafted = 0                          # drafted tokens verified so far
         self.accepted = 0                         # ... of which the full model agreed with
         self.last_round: tuple[int, int] | None = None  # (drafted, accepted) of the latest verify
-        self.verified: torch.Tensor | None = None  # the latest verify's logits at L, one row a token
+        self.verified: list[torch.Tensor] = []    # the latest verify's logits at L, one a token
         self.reset()
 
     def reset(self) -> None:
@@ -108,17 +109,20 @@ class Speculation:
         token = self.drafts[-1] if m else seq.all_ids[-1]
         start = seq.num_computed + m
         if self.verifying:
-            return Row([token], start, L, seq.kv, {L: "all"}, pending=self.states)
+            return Row([token], start, L, seq.kv, {L: "states"}, pending=self.states)
         # A draft is a plain one-token row (the decode fast paths take it); the states of the
         # earlier drafts wait here, since they join only at block E + 1.
         return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True)
 
     def advance(self, seq: Sequence, result: RowResult,
-                adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[int]:
+                adjust: Callable[[torch.Tensor, list[int]], torch.Tensor],
+                head: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
         """Take the step's result: record a draft (returns []) or verify the round (returns the
         tokens to emit, and moves the sequence's computed length past the accepted ones).
         `adjust(logits, output_ids)`: the request's penalties and biases after those outputs,
-        applied alike to the draft's and the full model's logits at each position."""
+        applied alike to the draft's and the full model's logits at each position. `head`: the
+        model's head, applied to the verified positions one at a time, up to the first rejection
+        (the positions after it are never needed)."""
         params, generator = seq.params, seq.generator  # the generator lives on the CPU
         if not self.verifying:
             logits = adjust(result.logits[self.rule.draft_exit_layer][-1].cpu(),
@@ -136,13 +140,17 @@ class Speculation:
                     float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
                 self.length = len(self.drafts)
             return []
-        self.verified = result.logits[max(result.logits)].cpu()  # head at L: [m + 1, vocab]
-        logits = torch.stack([adjust(row, seq.output_ids + self.drafts[:i]).double()
-                              for i, row in enumerate(self.verified)])  # after x0, d1, .., dm
+        self.verified = []  # the full model's logits after x0, d1, .. as far as they were needed
+
+        def full(i: int) -> torch.Tensor:
+            """The adjusted logits at L after position i (asked for in order, each once)."""
+            self.verified.append(head(result.states[i:i + 1])[0].cpu())
+            return adjust(self.verified[i], seq.output_ids + self.drafts[:i]).double()
+
         if params.temperature == 0:
-            tokens = _accept_greedy(self.drafts, logits)
+            tokens = _accept_greedy(self.drafts, full)
         else:
-            tokens = _accept_sampled(self.drafts, self.draft_probs, logits, params, generator)
+            tokens = _accept_sampled(self.drafts, self.draft_probs, full, params, generator)
         m = len(self.drafts)
         self.drafted += m
         self.accepted += len(tokens) - 1
@@ -152,23 +160,23 @@ class Speculation:
         return tokens
 
 
-def _accept_greedy(drafts: list[int], logits: torch.Tensor) -> list[int]:
-    full = torch.argmax(logits, dim=-1).tolist()
+def _accept_greedy(drafts: list[int], full: Callable[[int], torch.Tensor]) -> list[int]:
     for i, d in enumerate(drafts):
-        if d != full[i]:
-            return drafts[:i] + [full[i]]
-    return drafts + [full[len(drafts)]]
+        token = int(torch.argmax(full(i)))
+        if d != token:
+            return drafts[:i] + [token]
+    return drafts + [int(torch.argmax(full(len(drafts))))]
 
 
-def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], logits: torch.Tensor,
+def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], full: Callable[[int], torch.Tensor],
                     params, generator: torch.Generator) -> list[int]:
     for i, (d, q) in enumerate(zip(drafts, draft_probs)):
-        p = distribution(logits[i], params)
+        p = distribution(full(i), params)
         u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device))
         if u * float(q[d]) >= float(p[d]):  # rejected: P(accept) = min(1, p(d) / q(d))
             residual = torch.clamp(p - q, min=0.0)
             total = float(residual.sum())
             fix = residual / total if total > 0 else p
             return drafts[:i] + [int(torch.multinomial(fix, 1, generator=generator))]
-    bonus = distribution(logits[len(drafts)], params)
+    bonus = distribution(full(len(drafts)), params)
     return drafts + [int(torch.multinomial(bonus, 1, generator=generator))]

@@ -49,7 +49,7 @@ def test_rejection_rule_reproduces_the_target_distribution():
     n = 5000
     for _ in range(n):
         d = int(torch.multinomial(q, 1, generator=gen))
-        tokens = _accept_sampled([d], [q], logits, params, gen)
+        tokens = _accept_sampled([d], [q], lambda i: logits[i], params, gen)
         first[tokens[0]] += 1
         assert len(tokens) == 1 or tokens[1] == 2
     assert chi_square_p_value(first, p) > 1e-4
