@@ -366,7 +366,7 @@ def create_app(engine: LLMEngine, settings: ServerSettings = ServerSettings(),
     auth = auth_errors(settings.api_key)
     c = server.config
     openapi.install(app, c.num_hidden_layers, c.vocab_size, c.max_position_embeddings,
-                    settings.max_perplexity_tokens, engine.speculative_draft_limit)
+                    settings.max_perplexity_tokens, engine.speculative_draft_limit, settings.model_name)
     app.state.server = server
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,

@@ -27,9 +27,13 @@ from .app import Server
 from .chat_template import ChatTemplate, ChatTemplateError
 from .errors import APIError
 from .openai_format import CompletionLogprobs, chat_logprobs, merge
+from .openai_responses import (ChatCompletionResponse, CompletionResponse, DetokenizeResponse, ModelList,
+                               TokenizeResponse, TokenizerInfo)
+from .responses import REQUEST_ERRORS, auth_errors, documented
 from .openai_schemas import ChatCompletionRequest, CompletionRequest, OpenAIFields
 
 FINISH = {"length": "length", "stop": "stop", "abort": "stop"}
+TOKENIZER_ERRORS = (400, 404, 413, 422, 500)  # the tokenizer routes never queue
 
 
 class TokenizeRequest(BaseModel):
@@ -76,6 +80,8 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
     engine, settings, config = server.engine, server.settings, server.config
     name, L = settings.model_name, server.config.num_hidden_layers
     pieces = TokenPieces(engine.tokenizer)
+    auth = auth_errors(settings.api_key)
+    generating = (*REQUEST_ERRORS, 404, *auth)  # 404: an unknown model name
 
     def decode(ids: list[int], skip_special: bool = True) -> str:
         return engine.tokenizer.decode(ids, skip_special_tokens=skip_special) if engine.tokenizer else ""
@@ -177,7 +183,7 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
         return server.event_stream(streams, event, final)
 
     # ---- /v1/completions -------------------------------------------------------------------
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=documented(CompletionResponse, *generating, stream=True))
     async def completions(body: CompletionRequest, request: Request):
         body = checked(body)
         prompts = [(await server.prompt_ids(text, ids, "prompt"), text if text is not None else decode(ids))
@@ -205,7 +211,9 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
         return await respond(request, body, choices, "text_completion", choice_body, echoed)
 
     # ---- /v1/chat/completions --------------------------------------------------------------
-    @router.post("/v1/chat/completions")
+    # Without a chat template every request is a 400, so the document leaves the route out.
+    @router.post("/v1/chat/completions", include_in_schema=chat_template is not None,
+                 responses=documented(ChatCompletionResponse, *generating, stream=True))
     async def chat(body: ChatCompletionRequest, request: Request):
         if chat_template is None:
             raise server.reject("validation", APIError(
@@ -242,7 +250,7 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
         return await respond(request, body, choices, obj, choice_body, opening)
 
     # ---- models and tokenizer --------------------------------------------------------------
-    @router.get("/v1/models")
+    @router.get("/v1/models", responses=documented(ModelList, *auth))
     async def models():
         def card(model_id: str, depth: int) -> dict:
             return {"id": model_id, "object": "model", "created": 0, "owned_by": "bitskip", "root": name,
@@ -253,13 +261,13 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
         depths = sorted(set(config.exit_points) | {L})
         return {"object": "list", "data": [card(name, L)] + [card(f"{name}@{k}", k) for k in depths]}
 
-    @router.post("/tokenize")
+    @router.post("/tokenize", responses=documented(TokenizeResponse, *TOKENIZER_ERRORS, *auth))
     async def tokenize(body: TokenizeRequest):
         depth_of(body.model)
         ids = await server.encode(body.prompt, "prompt", add_bos=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": config.max_position_embeddings}
 
-    @router.post("/detokenize")
+    @router.post("/detokenize", responses=documented(DetokenizeResponse, *TOKENIZER_ERRORS, *auth))
     async def detokenize(body: DetokenizeRequest):
         depth_of(body.model)
         server.check_token_ids(body.tokens, "tokens") if body.tokens else None
@@ -267,7 +275,7 @@ def openai_router(server: Server, chat_template: ChatTemplate | None) -> APIRout
             raise server.reject("validation", APIError(422, "tokens: this model has no tokenizer", param="tokens"))
         return {"prompt": decode(body.tokens, skip_special=False)}
 
-    @router.get("/tokenizer_info")
+    @router.get("/tokenizer_info", responses=documented(TokenizerInfo, *auth))
     async def tokenizer_info():
         special = engine.special_tokens()
         return {"tokenizer_class": "tokenizers.Tokenizer", "bos_token": special.get("bos_token"),

@@ -7,15 +7,25 @@ never gets silently different results."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from .fields import Int, Text
 from .schemas import MAX_TOKENS_LIMIT, SamplingFields
 
 LOGPROBS_LIMIT = 20  # top alternatives per token, as OpenAI allows
 N_LIMIT = 16         # choices per prompt
+
+
+def only(*accepted: dict, why: str) -> WithJsonSchema:
+    """The documented schema of an OpenAI field this server does not implement: the values it
+    accepts (null and `accepted`, which change nothing); any other value is a 422 saying `why`."""
+    return WithJsonSchema({"anyOf": [*accepted, {"type": "null"}], "default": None, "description": why})
+
+
+NO_TOOLS = only({"type": "array", "maxItems": 0}, why="not supported (no tool or function calling): null or []")
+NOT_SUPPORTED = only(why="not supported: null only")
 
 
 class StreamOptions(BaseModel):
@@ -45,8 +55,10 @@ class CompletionRequest(OpenAIFields):
     prompt: Text | list[Int] | list[Text | list[Int]]  # one prompt, or a batch of them
     echo: bool = False
     logprobs: Int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
-    best_of: Int | None = Field(None, ge=1)
-    suffix: str | None = None
+    best_of: Int | None = Field(None, ge=1, description="if given, equal to n (every sample is returned); "
+                                                       "any other value is a 422")
+    suffix: Annotated[str | None, only({"type": "string", "maxLength": 0},
+                                       why="not supported (needs a fill-in-the-middle model): null or empty")] = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = []
@@ -79,23 +91,28 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # None: up to the context
-    max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description=(
+        "null: up to the end of the context; min_tokens must not exceed it"))
+    max_completion_tokens: Int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT, description=(
+        "the same as max_tokens: if both are given they must be equal (422 otherwise)"))
     logprobs: bool = False
-    top_logprobs: Int | None = Field(None, ge=0, le=LOGPROBS_LIMIT)
+    top_logprobs: Int | None = Field(None, ge=0, le=LOGPROBS_LIMIT, description="needs logprobs: true")
     add_generation_prompt: bool = True  # vLLM's: end the prompt with the assistant's turn opening
     # OpenAI fields not implemented: a value that would change the output is refused.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    tools: Annotated[list[Any] | None, NO_TOOLS] = None
+    tool_choice: Annotated[Any, only({"const": "none"}, why="not supported (no tool calling): null or 'none'")] = None
+    functions: Annotated[list[Any] | None, NO_TOOLS] = None
+    function_call: Annotated[Any, NOT_SUPPORTED] = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    reasoning_effort: str | None = None
-    web_search_options: Any = None
+    response_format: Annotated[dict[str, Any] | None, only(
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]},
+        why="only {'type': 'text'}")] = None
+    modalities: Annotated[list[str] | None, only({"type": "array", "items": {"const": "text"}, "maxItems": 1},
+                                                 why="only ['text']")] = None
+    audio: Annotated[Any, NOT_SUPPORTED] = None
+    prediction: Annotated[Any, NOT_SUPPORTED] = None
+    reasoning_effort: Annotated[str | None, NOT_SUPPORTED] = None
+    web_search_options: Annotated[Any, NOT_SUPPORTED] = None
 
     def unsupported(self) -> list[tuple[str, str]]:
         out = [(name, f"{name} is not supported: no tool or function calling")

@@ -3,8 +3,6 @@ return plain dicts; these models describe them (`openapi.responses`) without fil
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, Field
 
 from .errors import error_responses
@@ -31,41 +29,6 @@ class GenerateResponse(BaseModel):
     usage: Usage
     timing: Timing
     warnings: list[str] | None = Field(None, description="said when the model has caveats (no causal mask, no tokenizer)")
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int
-    logprobs: Any = None
-    finish_reason: str | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: str
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    exit_layers: list[int] | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: str
-    created: int
-    owned_by: str
-    max_model_len: int
-    num_layers: int
-    exit_points: list[int]
-    device: str | None = None
-    backend: str | None = None
-    kernels: Any = None
-
-
-class ModelList(BaseModel):
-    object: str
-    data: list[ModelCard]
 
 
 class PerplexityResponse(BaseModel):

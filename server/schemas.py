@@ -26,7 +26,7 @@ class SamplingFields(BaseModel):
     seed: Int | None = Field(None, ge=0, le=2**63 - 1)
     stop: StopList | StopString | None = None
     stop_token_ids: list[Int] | None = None
-    min_tokens: Int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    min_tokens: Int = Field(0, ge=0, le=MAX_TOKENS_LIMIT, description="at most max_tokens (422 otherwise)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
