@@ -63,6 +63,8 @@ class APIError(Exception):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    # A message quoting a client's value may hold a lone surrogate, which no UTF-8 body can carry.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 

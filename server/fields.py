@@ -30,6 +30,21 @@ def _valid_unicode(text: str) -> str:
     return text
 
 
+def valid_unicode_within(value):
+    """`value` (JSON: strings, numbers, lists, objects) if every string in it, keys too, is valid
+    Unicode; ValueError names the first that is not."""
+    if isinstance(value, str):
+        return _valid_unicode(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            valid_unicode_within(key)
+            valid_unicode_within(item)
+    elif isinstance(value, list):
+        for item in value:
+            valid_unicode_within(item)
+    return value
+
+
 def _digits_only(value):
     if isinstance(value, str) and not (value.isascii() and value.isdigit()):
         raise ValueError("must be an integer written in digits")

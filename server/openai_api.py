@@ -26,6 +26,7 @@ from engine.sequence import Sequence
 from .app import Server
 from .chat_template import ChatTemplate, ChatTemplateError
 from .errors import APIError
+from .fields import Text
 from .openai_format import CompletionLogprobs, chat_logprobs, merge
 from .openai_responses import (ChatCompletionResponse, CompletionResponse, DetokenizeResponse, ModelList,
                                TokenizeResponse, TokenizerInfo)
@@ -39,16 +40,16 @@ TOKENIZER_ERRORS = (400, 404, 413, 422, 500)  # the tokenizer routes never queue
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
+    prompt: Text
     add_special_tokens: bool = True  # the BOS id the server adds to text prompts
-    model: str | None = None
+    model: Text | None = None
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tokens: list[int]
-    model: str | None = None
+    model: Text | None = None
 
 
 @dataclasses.dataclass

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from .fields import Int, Text
+from .fields import Int, Text, valid_unicode_within
 from .schemas import MAX_TOKENS_LIMIT, SamplingFields
 
 LOGPROBS_LIMIT = 20  # top alternatives per token, as OpenAI allows
@@ -37,7 +37,7 @@ class StreamOptions(BaseModel):
 class OpenAIFields(SamplingFields):
     """What /v1/completions and /v1/chat/completions share."""
 
-    model: str | None = None  # NAME (full depth) or NAME@K (exit layer K); see /v1/models
+    model: Text | None = None  # NAME (full depth) or NAME@K (exit layer K); see /v1/models
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default
     n: Int = Field(1, ge=1, le=N_LIMIT)
     stream_options: StreamOptions | None = None
@@ -80,8 +80,13 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: handed to the template
 
-    role: str
+    role: Text
     content: Text | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _valid_extra_text(self):
+        valid_unicode_within(self.model_extra)  # the template writes them into the prompt
+        return self
 
     def text(self) -> str | None:
         if isinstance(self.content, list):
