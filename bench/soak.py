@@ -6,9 +6,10 @@
     python bench/soak.py --url http://host:8000 --pid N    # a running server (RSS of process N)
 
 `--concurrency` closed-loop clients send, in rotation: /generate (plain and streamed, at several
-exit layers), /v1/completions, a short /perplexity, a long /perplexity (thousands of tokens), and
-bad requests (bad JSON, a lone surrogate, out-of-range fields, an oversized body, loose types,
-unknown paths). One more client probes /health back to back. A good request must answer 200 (a
+exit layers), /v1/completions (plain and streamed), /v1/chat/completions (when the model has a
+chat template), /tokenize, /v1/models, a short /perplexity, a long /perplexity (thousands of
+tokens), and bad requests (bad JSON, a lone surrogate, out-of-range fields, an oversized body,
+loose types, unknown paths and models, unsupported OpenAI fields). One more client probes /health back to back. A good request must answer 200 (a
 stream must end with [DONE] and no error event); a bad one must answer its 4xx. Anything else
 (a 5xx, a wrong status, a broken connection) counts as an error. The server's RSS is sampled
 every second. Prints a table and writes JSON (default bench/out/soak.json).
@@ -42,6 +43,8 @@ BAD = [
     ("bad:big_body", "POST", "/generate", {"prompt": "x" * (3 * 1024 * 1024)}, 413),
     ("bad:unknown_path", "GET", "/nope", None, 404),
     ("bad:method", "GET", "/generate", None, 405),
+    ("bad:model", "POST", "/v1/completions", {"prompt": "x", "model": "no-such-model"}, 404),
+    ("bad:best_of", "POST", "/v1/completions", {"prompt": "x", "best_of": 3}, 422),
 ]
 
 
@@ -56,8 +59,8 @@ def rss_mib(pid: int) -> float | None:
 
 
 class Soak:
-    def __init__(self, url: str, layers: list[int], max_tokens: int):
-        self.url, self.layers, self.max_tokens = url, layers, max_tokens
+    def __init__(self, url: str, layers: list[int], max_tokens: int, chat: bool):
+        self.url, self.layers, self.max_tokens, self.chat = url, layers, max_tokens, chat
         self.latency: dict[str, list[float]] = {}
         self.errors: list[str] = []
         self.counts: dict[str, int] = {}
@@ -78,8 +81,18 @@ class Soak:
              {"prompt": f"Stream {i}", "max_tokens": self.max_tokens, "exit_layer": k, "stream": True}, 200, True),
             ("completions", "POST", "/v1/completions",
              {"prompt": "Once upon", "max_tokens": self.max_tokens, "temperature": 0.8, "seed": i}, 200, False),
+            ("completions:stream", "POST", "/v1/completions",
+             {"prompt": f"Story {i}:", "max_tokens": self.max_tokens, "stream": True, "n": 2}, 200, True),
             ("perplexity", "POST", "/perplexity", {"text": "A short text to score."}, 200, False),
         ]
+        if i % 2:
+            good.append(("tokenize", "POST", "/tokenize", {"prompt": f"Count the tokens of {i}"}, 200, False))
+        else:
+            good.append(("models", "GET", "/v1/models", None, 200, False))
+        if self.chat:
+            good.append(("chat", "POST", "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": self.max_tokens,
+                          "stream": i % 2 == 1}, 200, i % 2 == 1))
         rotation = good + [good[0], good[1]] + [(*b, False) for b in BAD[i % len(BAD):][:1]]
         if i % 7 == 3:
             rotation.append(("perplexity:long", "POST", "/perplexity", {"text": LONG_TEXT}, 200, False))
@@ -156,7 +169,8 @@ def main() -> None:
         proc = start_server(args.model, port, args.concurrency)
         url, pid = f"http://127.0.0.1:{port}", proc.pid
     layers = [int(x) for x in args.exit_layers.split(",")]
-    soak = Soak(url, layers, args.max_tokens)
+    chat = "/v1/chat/completions" in httpx.get(f"{url}/openapi.json", timeout=60).json()["paths"]  # a template
+    soak = Soak(url, layers, args.max_tokens, chat)
     try:
         t0 = time.perf_counter()
         samples = asyncio.run(soak.run(args.concurrency, args.duration, pid))

@@ -255,8 +255,11 @@ def test_chat_renders_the_template_and_matches_the_reference(shared_v1, chat_ckp
     check_error(tools, 422, "tools", "not supported")
     assert no_template.status_code == 422  # no body at all
 
-    [plain] = call(shared_v1[1], [post("/v1/chat/completions", req)])
+    [plain, doc] = call(shared_v1[1], [post("/v1/chat/completions", req), ("GET", "/openapi.json", None)])
     check_error(plain, 400, "messages", "no chat template")
+    assert "/v1/chat/completions" not in doc.json()["paths"]  # the document only lists what can succeed
+    [doc] = call(chat_ckpt, [("GET", "/openapi.json", None)], chat=True)
+    assert "/v1/chat/completions" in doc.json()["paths"]
 
 
 def test_tokenizer_routes(shared_v1):
