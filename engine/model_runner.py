@@ -118,8 +118,8 @@ class _Layout:
     decode_idx: torch.Tensor
     decode_len: torch.Tensor
     pending_tokens: int       # running tokens that fill KV for earlier, early-exited tokens
-    # The lean decode step (every row one cached token, nothing pending, native blocks built):
-    # each row's position and, per layer, its cache blocks [layers, rows, width].
+    # The lean step (every row short and cached, nothing pending, native blocks built): each
+    # token's position and, per layer, its cache blocks [layers, tokens, width].
     native_positions: torch.Tensor | None = None
     native_tables: torch.Tensor | None = None
     static: DecodeGraphs | None = None  # a decode step in static buffers: they attend
@@ -128,6 +128,10 @@ class _Layout:
 class ModelRunner:
     """One runner for every backend: `weights.backend` decides where tensors live and which
     kernels run; the control flow here is the same on each."""
+
+    # Native blocks take rows of up to this many tokens of one sequence (decode steps, verified
+    # drafts, short prompt chunks); longer prompt chunks attend faster through torch's matmuls.
+    NATIVE_SPAN = 16
 
     def __init__(self, weights: ModelWeights, kv_cache: KVCache | None = None,
                  max_decode_rows: int = 32, cuda_graphs: bool = True):
@@ -147,7 +151,7 @@ class ModelRunner:
         self.kv_size = c.num_key_value_heads * c.head_dim
         self.blocks_run = [0] * (c.num_hidden_layers + 1)  # token-blocks computed per block
         self.deferred_fills = 0                             # token-blocks computed for pending tokens
-        # One native call per block for decode steps; None (general path) without the native
+        # Native calls over stretches of blocks for cached rows; None (general path) without the native
         # kernel or for architecture options it does not cover.
         self.native_blocks = decode_blocks(c, weights.layers) \
             if kv_cache is not None and kv_cache.k.dtype == torch.float32 else None
@@ -184,7 +188,8 @@ class ModelRunner:
         results: list[RowResult | None] = [None] * len(rows)
 
         h = None  # hidden states of the running tokens, row after row; rebuilt only when they change
-        for layer in range(1, max(r.depth for r in rows) + 1):
+        layer = 1
+        while live:
             joining = any(lv.first > 0 and lv.joins[lv.first - 1] <= layer for lv in live)
             if h is None or joining:
                 if h is not None:
@@ -195,18 +200,38 @@ class ModelRunner:
                         lv.first -= 1
                 h = torch.cat([lv.states[lv.first:] for lv in live])
                 layout = self._layout(live)
-            h = self._block(layer, h, layout)
-            self.blocks_run[layer] += h.shape[0]
+            if layout.native_tables is not None:  # native: through to the next exit event at once
+                last = self._next_event(layer, live)
+                cache = self.kv_cache
+                h = self.native_blocks(layer, last, h.contiguous(), layout.native_positions,
+                                       layout.native_tables, cache.block_size, cache.k, cache.v,
+                                       self.rope_cos, self.rope_sin)
+            else:
+                last = layer
+                h = self._block(layer, h, layout)
+            for done in range(layer, last + 1):
+                self.blocks_run[done] += h.shape[0]
             self.deferred_fills += layout.pending_tokens
-            going_on = self._exits(layer, h, live, results)
+            going_on = self._exits(last, h, live, results)
             if len(going_on) != len(live):
                 for lv in going_on:
                     lv.states = lv.current(h)
                 h = None
-            live = going_on
-            if not live:
-                break
+            live, layer = going_on, last + 1
         return results
+
+    def _next_event(self, layer: int, live: list[_Live]) -> int:
+        """The first block from `layer` on after which a row leaves, wants logits, checks its
+        confidence, or before which pending tokens join: the blocks up to it run without a stop."""
+        last = min(lv.row.depth for lv in live)
+        for lv in live:
+            r = lv.row
+            if lv.first:  # pending tokens join at the next block: the layout changes there
+                last = min(last, lv.joins[lv.first - 1] - 1)
+            last = min([last] + [k for k in r.heads if k >= layer])
+            if r.confidence is not None and r.heads:
+                last = min([last] + [k for k in r.confidence.exit_points if k >= max(layer, r.confidence.min_exit_layer)])
+        return last
 
     # ---- leaving the batch -----------------------------------------------------------------
     def _exits(self, layer: int, h: torch.Tensor, live: list[_Live],
@@ -263,23 +288,25 @@ class ModelRunner:
             offset = lv.b
         positions = torch.tensor([p for sp in spans for p in range(sp.start, sp.start + sp.b - sp.a)],
                                  dtype=torch.long, device=self.device)
+        pending = sum(max(0, lv.num_pending - lv.first) for lv in live if lv.row.confidence)
+        # The native blocks compute cached tokens one after another, each writing its KV before it
+        # attends: short rows, and a speculative verify's drafted tokens (pending, in position
+        # order, joined after the draft exit), qualify.
+        if self.native_blocks is not None and not pending and all(
+                sp.kv is not None and (sp.b - sp.a <= self.NATIVE_SPAN or (lv.num_pending and not lv.row.confidence))
+                for sp, lv in zip(spans, live)):
+            return _Layout(spans, None, None, [], None, None, 0, positions,
+                           self._all_block_tables(spans, max(lv.row.depth for lv in live)))
         decode = [sp for sp in spans if sp.kv is not None and sp.b - sp.a == 1]
-        layout = _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
-                         torch.tensor([sp.a for sp in decode], dtype=torch.long, device=self.device),
-                         torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long, device=self.device),
-                         sum(max(0, lv.num_pending - lv.first) for lv in live if lv.row.confidence))
-        # The native block computes cached tokens one after another, each writing its KV before it
-        # attends: a speculative verify's drafted tokens (pending, in position order) qualify too.
-        if self.native_blocks is not None and all(
-                sp.kv is not None and (sp.b - sp.a == 1 or (lv.num_pending and not lv.row.confidence))
-                for sp, lv in zip(spans, live)) and not layout.pending_tokens:
-            layout.native_positions = positions
-            layout.native_tables = self._all_block_tables(spans, max(lv.row.depth for lv in live))
-        return layout
+        return _Layout(spans, self.rope_cos[positions], self.rope_sin[positions], decode,
+                       torch.tensor([sp.a for sp in decode], dtype=torch.long, device=self.device),
+                       torch.tensor([sp.start + 1 for sp in decode], dtype=torch.long, device=self.device),
+                       pending)
 
     def _all_block_tables(self, spans: list[_Span], depth: int) -> torch.Tensor:
-        """Every layer's cache blocks of each running token, long [depth, tokens, width], built once
-        per layout (a row that leaves earlier has no blocks past its depth: padded, never read)."""
+        """Every layer's cache blocks of each running token, long [depth, tokens, width] (a
+        sequence's tokens share its tables), built once per layout (a row that leaves earlier has
+        no blocks past its depth: padded, never read)."""
         width = -(-max(sp.start + sp.b - sp.a for sp in spans) // self.kv_cache.block_size)
 
         def padded(tables: list[list[int]], layer: int) -> list[int]:
@@ -290,11 +317,6 @@ class ModelRunner:
                              for layer in range(depth)], dtype=torch.long)
 
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        if layout.native_tables is not None:
-            cache = self.kv_cache
-            return self.native_blocks[layer - 1](h.contiguous(), layout.native_positions,
-                                                 layout.native_tables[layer - 1], cache.block_size,
-                                                 cache.k, cache.v, self.rope_cos, self.rope_sin)
         c, w = self.config, self.weights.layers[layer - 1]
         t = h.shape[0]
         if not c.post_norm:

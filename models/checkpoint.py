@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from .config import BitSkipConfig, ConfigError
+from .mapped import map_tensor, release
 from .model import BitSkipForCausalLM
 from .packing import has_invalid_code, pack_ternary
 from .quant import ternarize
@@ -186,9 +188,15 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "U8": torch.uint8, "BOOL": torch.bool}
 
 
+# An untied float32 embedding this large stays in the file (models/mapped.py): a step reads a few
+# of its rows. A tied one is the head too, read whole every step: it is loaded.
+MAP_EMBEDDING_BYTES = 1 << 24
+
+
 def _read_data(path: Path, dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Each tensor read from the file straight into its own memory. (safetensors' get_tensor
-    copies out of a memory map, so a large file is resident twice until it is closed.)"""
+    """Each tensor read from the file straight into its own memory, but for a large untied
+    embedding, which is mapped. (safetensors' get_tensor copies out of a memory map, so a large
+    file is resident twice until it is closed.)"""
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -196,6 +204,10 @@ def _read_data(path: Path, dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
         for name in dtypes:
             entry = header[name]
             begin, end = entry["data_offsets"]
+            if name == "model.embed_tokens.weight" and "lm_head.weight" in header \
+                    and dtypes[name] == "F32" and end - begin >= MAP_EMBEDDING_BYTES:
+                tensors[name] = map_tensor(f, 8 + n + begin, entry["shape"], torch.float32)
+                continue
             t = torch.empty(entry["shape"], dtype=_DTYPES[dtypes[name]])
             f.seek(8 + n + begin)
             if end > begin and f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - begin:
@@ -269,8 +281,10 @@ def _content_problems(name: str, t: torch.Tensor) -> list[str]:
     if name.endswith(".weight_scale"):
         bad = [v for v in t.reshape(-1).tolist() if not (math.isfinite(v) and v > 0)]
         return [f"{where} must be finite and > 0, got {bad[0]}"] if bad else []
-    chunks = t.reshape(-1).split(1 << 22)  # a 1B model's embedding checked without 0.2 GB of masks
-    nan, inf = sum(int(torch.isnan(c).sum()) for c in chunks), sum(int(torch.isinf(c).sum()) for c in chunks)
+    nan = inf = 0
+    for c in t.reshape(-1).split(1 << 22):  # a 1B model's embedding checked without 0.2 GB of masks
+        nan, inf = nan + int(torch.isnan(c).sum()), inf + int(torch.isinf(c).sum())
+        release(c)  # a mapped tensor's pages go back once checked
     return [f"{where} contains {nan} NaN and {inf} Inf values"] if nan or inf else []
 
 
@@ -411,7 +425,10 @@ def save_checkpoint(path: str | Path, config: BitSkipConfig, tensors: dict[str, 
     # safetensors refuses shared or strided storage, so every tensor gets its own contiguous copy.
     out = {n: t.detach().contiguous().clone() for n, t in tensors.items()
            if not (config.tie_word_embeddings and n == "lm_head.weight")}
-    save_file(out, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    # A new file renamed over the old one: a server mapping the old file keeps reading it intact.
+    tmp = directory / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
+    save_file(out, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER_FILE))
     if generation_config is not None:

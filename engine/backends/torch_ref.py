@@ -34,7 +34,9 @@ class TorchBackend:
         return proj(rms_norm(x, norm, eps))
 
     def head(self, h, norm, lm_head, eps):
-        return F.linear(rms_norm(h, norm, eps), lm_head)
+        lib = native.library()  # the native product: the same sums for a row alone or in a batch
+        x = rms_norm(h, norm, eps)
+        return F.linear(x, lm_head) if lib is None else native.head_matmul(lib, x, lm_head)
 
     def decode_attention(self, q, cache: KVCache, tables, lengths):
         # One padded call for every row; positions past a row's length get weight exactly 0.

@@ -1,5 +1,5 @@
-"""The native CPU kernels (ternary.c: the packed projection; decode_block.c: a whole decoder block
-for cached single-token rows): built with the system C compiler into a cache directory the
+"""The native CPU kernels (ternary.c: the packed projection; decode_block.c: decoder blocks for
+cached rows; head.c: the float32 head): built with the system C compiler into a cache directory the
 first time it is needed (or at install time: `python -m engine.kernels.native`), loaded with
 ctypes. It is compiled against raw buffers only (no torch headers), so building it never needs
 pip or a build environment.
@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger("bitskip.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "ternary.c", HERE / "decode_block.c"]
+SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "head.c"]
 HEADERS = [HERE / "ternary.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
@@ -76,8 +76,11 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_ternary_gemm.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int, p, i64, ctypes.c_int]
     lib.bitskip_ternary_gemm.restype = ctypes.c_int
     lib.bitskip_has_avx2.restype = ctypes.c_int
-    lib.bitskip_decode_block.argtypes = [p, p, i64, p, p, i64, i64, p, p, p, p, ctypes.c_int]
-    lib.bitskip_decode_block.restype = ctypes.c_int
+    lib.bitskip_decode_blocks.argtypes = [p, i64, p, i64, p, p, i64, i64, p, p, p, p, ctypes.c_int]
+    lib.bitskip_decode_blocks.restype = ctypes.c_int
+    lib.bitskip_head.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.bitskip_head.restype = None
+    lib.bitskip_head_force_portable.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -129,3 +132,13 @@ class PackedMatmul:
                                          self.out_features, torch.get_num_threads()) != 0:
             raise MemoryError("native ternary kernel: out of memory for the activations")
         return out
+
+
+def head_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x float32 [M, K] @ weight float32 [V, K].T, each row summed in one fixed order (its logits
+    do not depend on the other rows), threads over the head's rows."""
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    lib.bitskip_head(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0],
+                     out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,8 +1,5 @@
-"""ctypes binding of decode_block.c: one decoder block for rows that each bring one cached token.
-
-`DecodeBlock` is built once per layer from the layer's norms and native projections and holds the
-C struct of pointers into them (the tensors stay referenced here, so the pointers stay valid).
-"""
+"""ctypes binding of decode_block.c: the decoder blocks for rows whose tokens have a KV cache,
+several blocks in one native call."""
 
 from __future__ import annotations
 
@@ -35,37 +32,47 @@ def _proj(proj) -> _Proj:
                  m.out_features, proj.scale.data_ptr(), proj.qmax, int(proj.hadamard))
 
 
-class DecodeBlock:
-    """h [n, hidden] -> the block's output, in place, for n single-token rows with a KV cache.
+class DecodeBlocks:
+    """The model's blocks as one native call: rows that each bring a cached token (or consecutive
+    tokens of one sequence, in position order) through blocks first..last, h updated in place.
 
-    `projections` are CpuTernaryLinear (native kernel) for qkv, o, gate_up, down; norms float32
-    RMSNorm weights (the sub-norms None when absent).
+    Built once from every layer's norms and native projections; holds the C structs of pointers
+    into them (the tensors stay referenced here, so the pointers stay valid).
     """
 
-    def __init__(self, lib: ctypes.CDLL, *, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                 intermediate: int, hidden_act: str, eps: float, input_norm: torch.Tensor,
-                 post_norm: torch.Tensor, attn_sub_norm: torch.Tensor | None,
-                 ffn_sub_norm: torch.Tensor | None, projections: list):
+    def __init__(self, lib: ctypes.CDLL, config, layers: list):
         self.lib = lib
-        norms = [t if t is None else t.float().contiguous()
-                 for t in (input_norm, post_norm, attn_sub_norm, ffn_sub_norm)]
-        self._keep = (norms, projections)
-        ptr = [t.data_ptr() if t is not None else None for t in norms]
-        self.struct = _Block(hidden, heads, kv_heads, head_dim, intermediate, int(hidden_act == "relu2"),
-                             eps, *ptr, *[_proj(p) for p in projections])
-        self._ref = ctypes.byref(self.struct)
+        keep, structs = [], []
+        for w in layers:
+            norms = [n if n is None else n.weight.float().contiguous()
+                     for n in (w.input_norm, w.post_attention_norm, w.attn_sub_norm, w.ffn_sub_norm)]
+            projections = [getattr(w, n) for n in _PROJECTIONS]
+            keep.append((norms, projections))
+            structs.append(_Block(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                  config.head_dim, config.intermediate_size, int(config.hidden_act == "relu2"),
+                                  w.input_norm.eps, *[n.data_ptr() if n is not None else None for n in norms],
+                                  *[_proj(p) for p in projections]))
+        self._keep = keep
+        self._structs = (_Block * len(structs))(*structs)
+        self._base, self._size = ctypes.addressof(self._structs), ctypes.sizeof(_Block)
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-                 block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor,
+    def __len__(self) -> int:
+        return len(self._structs)
+
+    def __call__(self, first: int, last: int, h: torch.Tensor, positions: torch.Tensor,
+                 tables: torch.Tensor, block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor,
                  rope_cos: torch.Tensor, rope_sin: torch.Tensor) -> torch.Tensor:
-        """h float32 [n, hidden] contiguous (overwritten and returned); positions long [n];
-        tables long [n, width] contiguous: this layer's cache blocks of each row."""
-        rc = self.lib.bitskip_decode_block(
-            self._ref, h.data_ptr(), h.shape[0], positions.data_ptr(), tables.data_ptr(), tables.shape[1],
-            block_size, cache_k.data_ptr(), cache_v.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
+        """Blocks first..last (1-based, inclusive). h float32 [n, hidden] contiguous (overwritten
+        and returned); positions long [n]; tables long [>= last, n, width] contiguous: each
+        layer's cache blocks of each row."""
+        rows, width = tables.shape[1], tables.shape[2]
+        rc = self.lib.bitskip_decode_blocks(
+            self._base + (first - 1) * self._size, last - first + 1, h.data_ptr(), h.shape[0],
+            positions.data_ptr(), tables.data_ptr() + (first - 1) * rows * width * 8, width, block_size,
+            cache_k.data_ptr(), cache_v.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(),
             torch.get_num_threads())
         if rc != 0:
-            raise MemoryError("native decode block: out of memory for its scratch buffers")
+            raise MemoryError("native decode blocks: out of memory for their scratch buffers")
         return h
 
 
@@ -75,8 +82,8 @@ _COVERED = dict(norm_type="rms", post_norm=False, projection_norm=False, project
 _PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
-def decode_blocks(config, layers: list) -> list[DecodeBlock] | None:
-    """One DecodeBlock per layer of `layers` (engine.weights.LayerWeights), or None when the model
+def decode_blocks(config, layers: list) -> DecodeBlocks | None:
+    """The native blocks of `layers` (engine.weights.LayerWeights), or None when the model
     is not one the native block computes: a projection not on the native kernel (no compiler,
     another backend, a wrapped projection) or an architecture option it does not cover."""
     from . import library
@@ -91,12 +98,4 @@ def decode_blocks(config, layers: list) -> list[DecodeBlock] | None:
                 or any(n is not None and n.bias is not None for n in norms) \
                 or any(getattr(getattr(w, n), "kernel", None) != "native" for n in _PROJECTIONS):
             return None
-    return [DecodeBlock(lib, hidden=config.hidden_size, heads=config.num_attention_heads,
-                        kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-                        intermediate=config.intermediate_size, hidden_act=config.hidden_act,
-                        eps=w.input_norm.eps, input_norm=w.input_norm.weight,
-                        post_norm=w.post_attention_norm.weight,
-                        attn_sub_norm=w.attn_sub_norm.weight if w.attn_sub_norm else None,
-                        ffn_sub_norm=w.ffn_sub_norm.weight if w.ffn_sub_norm else None,
-                        projections=[getattr(w, n) for n in _PROJECTIONS])
-            for w in layers]
+    return DecodeBlocks(lib, config, layers)

@@ -75,36 +75,67 @@ static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *q) {
     return s;
 }
 
-/* One projection of n rows x [n, k] (already normed): y = acc * (s / Q) * gamma. */
-static int project(const Proj *p, const float *x, int64_t n, int64_t k, float *y, int nthreads) {
+/* Buffers for one call, sized for its widest block and allocated once for all its blocks. */
+typedef struct {
+    float *x, *y, *attn, *rot, *scales;
+    int8_t *codes;
+    int32_t *acc;
+    int64_t *slots;
+    double *scores;
+    void *ws;                     /* the ternary product's permuted activations */
+} Scratch;
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static int scratch_alloc(Scratch *s, const Block *blocks, int64_t nblocks, int64_t n, int64_t max_len) {
+    int64_t wide = 0, kin = 0, inner = 0, hidden = 0;
+    for (int64_t l = 0; l < nblocks; l++) {
+        const Block *b = &blocks[l];
+        const Proj *ps[4] = {&b->qkv, &b->o, &b->gate_up, &b->down};
+        for (int i = 0; i < 4; i++) {
+            wide = max64(wide, ps[i]->out_features);
+            kin = max64(kin, ps[i]->in_features);
+        }
+        inner = max64(inner, max64(b->heads * b->head_dim, b->inter));
+        hidden = max64(hidden, b->hidden);
+    }
+    s->x = malloc(sizeof(float) * (size_t)(n * hidden));
+    s->y = malloc(sizeof(float) * (size_t)(n * wide));
+    s->attn = malloc(sizeof(float) * (size_t)(n * inner));
+    s->rot = malloc(sizeof(float) * (size_t)kin);
+    s->scales = malloc(sizeof(float) * (size_t)n);
+    s->codes = malloc((size_t)(n * kin));
+    s->acc = malloc(sizeof(int32_t) * (size_t)(n * wide));
+    s->slots = malloc(sizeof(int64_t) * (size_t)max_len);
+    s->scores = malloc(sizeof(double) * (size_t)max_len);
+    s->ws = malloc(bitskip_ternary_workspace(n, kin));
+    return s->x && s->y && s->attn && s->rot && s->scales && s->codes && s->acc && s->slots
+           && s->scores && s->ws ? 0 : -1;
+}
+
+static void scratch_free(Scratch *s) {
+    void *all[] = {s->x, s->y, s->attn, s->rot, s->scales, s->codes, s->acc, s->slots, s->scores, s->ws};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
+}
+
+/* One projection of n rows x [n, k] (already normed) into y: acc * (s / Q) * gamma. */
+static void project(const Proj *p, const float *x, int64_t n, int64_t k, float *y, Scratch *s,
+                    int nthreads) {
     int64_t kin = p->in_features, nout = p->out_features;
-    int8_t *codes = malloc((size_t)(n * kin));
-    int32_t *acc = malloc(sizeof(int32_t) * (size_t)(n * nout));
-    float *rot = p->hadamard ? malloc(sizeof(float) * (size_t)kin) : NULL;
-    float *scales = malloc(sizeof(float) * (size_t)n);
-    int rc = -1;
-    if (!codes || !acc || !scales || (p->hadamard && !rot)) goto done;
     for (int64_t r = 0; r < n; r++) {
         const float *xr = x + r * k;
         if (p->hadamard) {
-            hadamard(xr, k, kin, rot);
-            xr = rot;
+            hadamard(xr, k, kin, s->rot);
+            xr = s->rot;
         }
-        scales[r] = quantize(xr, kin, p->qmax, codes + r * kin);
+        s->scales[r] = quantize(xr, kin, p->qmax, s->codes + r * kin);
     }
-    rc = bitskip_ternary_gemm(codes, n, kin, kin, p->parts, p->part_rows, (int)p->nparts, acc, nout,
-                              nthreads);
-    if (rc) goto done;
+    bitskip_ternary_gemm_ws(s->codes, n, kin, kin, p->parts, p->part_rows, (int)p->nparts, s->acc,
+                            nout, nthreads, s->ws);
     for (int64_t r = 0; r < n; r++) {
-        float f = scales[r] / (float)p->qmax;
-        for (int64_t j = 0; j < nout; j++) y[r * nout + j] = (float)acc[r * nout + j] * f * p->gamma[j];
+        float f = s->scales[r] / (float)p->qmax;
+        for (int64_t j = 0; j < nout; j++) y[r * nout + j] = (float)s->acc[r * nout + j] * f * p->gamma[j];
     }
-done:
-    free(codes);
-    free(acc);
-    free(rot);
-    free(scales);
-    return rc;
 }
 
 /* apply_rope, rotate-half: x * cos + rotate_half(x) * sin. */
@@ -153,45 +184,35 @@ static void attend(const Block *b, const float *q, const int64_t *slots, int64_t
     }
 }
 
-/* h [n, hidden] (updated in place): rows whose token sits at positions[r], the cache blocks of
- * this layer in tables [n, width] (block_size positions each), RoPE tables [positions, head_dim].
- * Returns 0, or -1 when scratch memory cannot be had. */
-int bitskip_decode_block(const Block *b, float *h, int64_t n, const int64_t *positions,
-                         const int64_t *tables, int64_t width, int64_t block_size, float *cache_k,
-                         float *cache_v, const float *rope_cos, const float *rope_sin, int nthreads) {
+/* One block over the rows (see bitskip_decode_blocks), `tables` this block's [n, width]. */
+static void block(const Block *b, float *h, int64_t n, const int64_t *positions, const int64_t *tables,
+                  int64_t width, int64_t block_size, float *cache_k, float *cache_v,
+                  const float *rope_cos, const float *rope_sin, Scratch *s, int nthreads) {
     int64_t H = b->hidden, d = b->head_dim, qs = b->heads * d, kvs = b->kv_heads * d, F = b->inter;
-    int64_t max_len = width * block_size;
-    int64_t wide = b->qkv.out_features > b->gate_up.out_features ? b->qkv.out_features
-                                                                 : b->gate_up.out_features;
-    wide = wide > H ? wide : H;
-    float *x = malloc(sizeof(float) * (size_t)(n * H));
-    float *y = malloc(sizeof(float) * (size_t)(n * wide));
-    float *attn = malloc(sizeof(float) * (size_t)(n * (qs > F ? qs : F)));
-    int64_t *slots = malloc(sizeof(int64_t) * (size_t)max_len);
-    double *scores = malloc(sizeof(double) * (size_t)max_len);
-    int rc = -1;
-    if (!x || !y || !attn || !slots || !scores) goto done;
-
+    float *x = s->x, *y = s->y, *attn = s->attn;
     for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->input_norm, H, b->eps, x + r * H);
-    if ((rc = project(&b->qkv, x, n, H, y, nthreads))) goto done;
+    project(&b->qkv, x, n, H, y, s, nthreads);
     int64_t nq = b->qkv.out_features;
+    /* In row order: a row's key and value are in the cache before it attends, so rows that are
+     * consecutive tokens of one sequence (a verified draft, a prompt chunk) see their
+     * predecessors, and never a later one (each attends to its own position and before). */
     for (int64_t r = 0; r < n; r++) {
         float *q = y + r * nq, *k = q + qs, *v = k + kvs;
         int64_t pos = positions[r], len = pos + 1;
         rope(q, b->heads, d, rope_cos + pos * d, rope_sin + pos * d);
         rope(k, b->kv_heads, d, rope_cos + pos * d, rope_sin + pos * d);
         for (int64_t t = 0; t < len; t++)
-            slots[t] = tables[r * width + t / block_size] * block_size + t % block_size;
-        memcpy(cache_k + slots[pos] * kvs, k, sizeof(float) * (size_t)kvs);
-        memcpy(cache_v + slots[pos] * kvs, v, sizeof(float) * (size_t)kvs);
-        attend(b, q, slots, len, cache_k, cache_v, scores, attn + r * qs);
+            s->slots[t] = tables[r * width + t / block_size] * block_size + t % block_size;
+        memcpy(cache_k + s->slots[pos] * kvs, k, sizeof(float) * (size_t)kvs);
+        memcpy(cache_v + s->slots[pos] * kvs, v, sizeof(float) * (size_t)kvs);
+        attend(b, q, s->slots, len, cache_k, cache_v, s->scores, attn + r * qs);
         if (b->attn_sub_norm) rms_norm(attn + r * qs, b->attn_sub_norm, qs, b->eps, attn + r * qs);
     }
-    if ((rc = project(&b->o, attn, n, qs, y, nthreads))) goto done;
+    project(&b->o, attn, n, qs, y, s, nthreads);
     for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
 
     for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->post_norm, H, b->eps, x + r * H);
-    if ((rc = project(&b->gate_up, x, n, H, y, nthreads))) goto done;
+    project(&b->gate_up, x, n, H, y, s, nthreads);
     for (int64_t r = 0; r < n; r++) {
         const float *g = y + r * 2 * F, *u = g + F;
         float *a = attn + r * F;
@@ -202,14 +223,25 @@ int bitskip_decode_block(const Block *b, float *h, int64_t n, const int64_t *pos
         }
         if (b->ffn_sub_norm) rms_norm(a, b->ffn_sub_norm, F, b->eps, a);
     }
-    if ((rc = project(&b->down, attn, n, F, y, nthreads))) goto done;
+    project(&b->down, attn, n, F, y, s, nthreads);
     for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
-    rc = 0;
-done:
-    free(x);
-    free(y);
-    free(attn);
-    free(slots);
-    free(scores);
+}
+
+/* Blocks blocks[0..nblocks-1] in turn over h [n, hidden] (updated in place): rows whose token
+ * sits at positions[r] (rows of one sequence consecutive and in position order), each block's
+ * cache blocks in tables [nblocks, n, width] (block_size positions each), RoPE tables
+ * [positions, head_dim]. One call for many blocks: the scratch is allocated once.
+ * Returns 0, or -1 when scratch memory cannot be had. */
+int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_t n,
+                          const int64_t *positions, const int64_t *tables, int64_t width,
+                          int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
+                          const float *rope_sin, int nthreads) {
+    Scratch s;
+    int rc = scratch_alloc(&s, blocks, nblocks, n, width * block_size);
+    if (rc == 0)
+        for (int64_t l = 0; l < nblocks; l++)
+            block(&blocks[l], h, n, positions, tables + l * n * width, width, block_size, cache_k,
+                  cache_v, rope_cos, rope_sin, &s, nthreads);
+    scratch_free(&s);
     return rc;
 }

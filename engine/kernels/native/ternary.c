@@ -164,23 +164,22 @@ static int32_t permute_row(const int8_t *a, int64_t K, int8_t *dst, int64_t grou
     return sum;
 }
 
-/* out[m, n] = sum_k a[m, k] * t[n, k] for the ternary t of the concatenated parts' rows.
- * a: int8 [M, K] (row stride lda); out: int32 [M, N] (row stride ldo); K a multiple of 4.
- * Returns 0, or -1 when memory for the permuted activations cannot be had. */
-int bitskip_ternary_gemm(const int8_t *a, int64_t M, int64_t K, int64_t lda,
-                         const uint8_t *const *parts, const int64_t *part_rows, int nparts,
-                         int32_t *out, int64_t ldo, int nthreads) {
+size_t bitskip_ternary_workspace(int64_t M, int64_t K) {
+    int64_t stride = (K + GROUP - 1) / GROUP * GROUP;
+    return (size_t)(M * stride) + 32 + sizeof(int32_t) * (size_t)(M > 0 ? M : 1);
+}
+
+/* bitskip_ternary_gemm with its scratch given: `ws` of bitskip_ternary_workspace(M, K) bytes,
+ * aligned for int32 (callers that run many products reuse one buffer). */
+void bitskip_ternary_gemm_ws(const int8_t *a, int64_t M, int64_t K, int64_t lda,
+                             const uint8_t *const *parts, const int64_t *part_rows, int nparts,
+                             int32_t *out, int64_t ldo, int nthreads, void *ws) {
     Weights w = {parts, part_rows, nparts, K / 4, (K + GROUP - 1) / GROUP, K / GROUP};
     int64_t N = 0;
     for (int p = 0; p < nparts; p++) N += part_rows[p];
     int64_t stride = w.groups * GROUP;
-    int8_t *ap = malloc((size_t)(M * stride) + 32);
-    int32_t *sum = malloc(sizeof(int32_t) * (size_t)(M > 0 ? M : 1));
-    if (!ap || !sum) {
-        free(ap);
-        free(sum);
-        return -1;
-    }
+    int32_t *sum = ws;
+    int8_t *ap = (int8_t *)(sum + (M > 0 ? M : 1));
     for (int64_t m = 0; m < M; m++) sum[m] = permute_row(a + m * lda, K, ap + m * stride, w.groups);
     Acts x = {ap, sum, stride};
     dot_rows_fn dot = pick_kernel();
@@ -194,7 +193,17 @@ int bitskip_ternary_gemm(const int8_t *a, int64_t M, int64_t K, int64_t lda,
             for (int64_t n = n0; n < n1; n++) dot(&w, weight_row(&w, n), &x, m0, mr, out, ldo, n);
         }
     }
-    free(ap);
-    free(sum);
+}
+
+/* out[m, n] = sum_k a[m, k] * t[n, k] for the ternary t of the concatenated parts' rows.
+ * a: int8 [M, K] (row stride lda); out: int32 [M, N] (row stride ldo); K a multiple of 4.
+ * Returns 0, or -1 when memory for the permuted activations cannot be had. */
+int bitskip_ternary_gemm(const int8_t *a, int64_t M, int64_t K, int64_t lda,
+                         const uint8_t *const *parts, const int64_t *part_rows, int nparts,
+                         int32_t *out, int64_t ldo, int nthreads) {
+    void *ws = malloc(bitskip_ternary_workspace(M, K));
+    if (!ws) return -1;
+    bitskip_ternary_gemm_ws(a, M, K, lda, parts, part_rows, nparts, out, ldo, nthreads, ws);
+    free(ws);
     return 0;
 }
