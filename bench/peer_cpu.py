@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -140,13 +141,15 @@ def main() -> None:
             for _ in range(args.repeats):
                 for s in systems:  # alternated: a noisy minute hits every system alike
                     runs[s].append(run_worker(s, model, args))
+                    print(f"{name} {s}: {json.dumps(runs[s][-1])} (load average {os.getloadavg()[0]:.1f})",
+                          file=sys.stderr, flush=True)
             results[name] = {s: {"tokens_per_s": {cell: statistics.median(r["rates"][cell] for r in rs)
                                                   for cell in rs[0]["rates"]},
                                  "all_runs": [r["rates"] for r in rs],
                                  "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
                              for s, rs in runs.items()}
     print_table(results, systems, args)
-    out = {"benchmark": "peer_cpu", "results": results, "threads": args.threads,
+    out = {"benchmark": "peer_cpu", "results": results, "threads": args.threads, "load_average": os.getloadavg(),
            "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
            "commit": git_commit(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "date": time.strftime("%Y-%m-%d")}

@@ -1,24 +1,36 @@
-"""Where a decode step's time goes: blocks, the shared head, and the rest (scheduler, sampler,
-Python), per step and per block, with the native decode block and with the general path.
+"""Where a decode step's time goes: blocks (split, on the native path, into the ternary products,
+attention, the rest of the block's C code: norms, quantizers, elementwise, and the Python call
+around it), the shared head, and the rest of the step (scheduler, sampler, Python), per step and
+per block, with the native blocks and with the general path.
 
     python bench/profile_decode.py --model models/default --threads 2
+    python bench/profile_decode.py --preset paper-1b --threads 2 --batches 1
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import git_commit, write_json  # noqa: E402
+
 from engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from engine.kernels import native  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int) -> dict[str, float]:
     runner, spent = engine.runner, {"block": 0.0, "head": 0.0}
+    lib, timers = native.library(), (ctypes.c_double * 3)()
 
     def timed(name, fn):
         def call(*args):
@@ -28,42 +40,79 @@ def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int) -> 
             return out
         return call
 
+    blocks = runner.native_blocks
     runner._block, runner.head = timed("block", runner._block), timed("head", runner.head)
+    if blocks is not None:
+        runner.native_blocks = timed("block", blocks)
     seqs = [engine.add_request(list(range(32)), SamplingParams(max_tokens=new_tokens, ignore_eos=True),
                                exit_layer) for _ in range(batch)]
     while any(s.first_token_time is None for s in seqs):
         engine.step()
     spent.update(block=0.0, head=0.0)
+    if lib is not None:
+        lib.bitskip_decode_profile(1, None)
     t0, done0 = time.perf_counter(), sum(len(s.output_ids) for s in seqs)
     while engine.has_unfinished():
         engine.step()
     total = time.perf_counter() - t0
+    if lib is not None:
+        lib.bitskip_decode_profile(0, timers)
     del runner._block, runner.head  # back to the methods
+    runner.native_blocks = blocks
     steps = (sum(len(s.output_ids) for s in seqs) - done0) / batch
-    ms = {k: 1e3 * v / steps for k, v in spent.items()}
-    return {"step_ms": 1e3 * total / steps, "block_ms": ms["block"] / exit_layer, "head_ms": ms["head"],
-            "rest_ms": 1e3 * total / steps - ms["block"] - ms["head"]}
+    per_block = 1e3 / steps / exit_layer
+    out = {"step_ms": 1e3 * total / steps, "block_ms": spent["block"] * per_block,
+           "head_ms": 1e3 * spent["head"] / steps,
+           "rest_ms": 1e3 * (total - spent["block"] - spent["head"]) / steps}
+    if blocks is not None and timers[2] > 0:  # inside the native blocks
+        out.update(kernel_ms=timers[0] * per_block, attention_ms=timers[1] * per_block,
+                   other_c_ms=(timers[2] - timers[0] - timers[1]) * per_block,
+                   call_ms=(spent["block"] - timers[2]) * per_block)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path)
+    src.add_argument("--preset", help="random packed checkpoint of this preset (temp dir)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--general", action="store_true", help="also the general (torch) path")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "profile_decode.json")
     args = ap.parse_args()
-    engine = LLMEngine(load_checkpoint(args.model), EngineConfig(max_num_seqs=8, num_threads=args.threads))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        if args.preset:
+            from models.config import preset
+            from models.random_checkpoint import write_random_checkpoint
+            path = Path(tmp) / args.preset
+            write_random_checkpoint(path, preset(args.preset, "v1"))
+        batches = [int(b) for b in args.batches.split(",")]
+        engine = LLMEngine(load_checkpoint(path), EngineConfig(max_num_seqs=max(batches), num_threads=args.threads))
+        results = run(engine, batches, args)
+    write_json({"benchmark": "profile_decode", "model": str(args.model or args.preset), "threads": args.threads,
+                "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, args.json)
+
+
+def run(engine: LLMEngine, batches: list[int], args) -> list[dict]:
     L = engine.model_config.num_hidden_layers
-    native = engine.runner.native_blocks
-    print(f"{args.model.name}: exit {L}, {args.threads} threads (ms)")
-    print(f"{'path':>8} {'batch':>5} {'step':>8} {'per block':>9} {'head':>7} {'rest':>7}")
-    for b in map(int, args.batches.split(",")):
+    native_blocks, results = engine.runner.native_blocks, []
+    print(f"exit {L}, {args.threads} threads; ms per step, per block (native: ternary kernel, attention, "
+          "other C: norms/quantizers/elementwise, the call from Python), head, rest of the step")
+    cols = ("step_ms", "block_ms", "kernel_ms", "attention_ms", "other_c_ms", "call_ms", "head_ms", "rest_ms")
+    print(f"{'path':>8} {'batch':>5} {'tok/s':>7} " + " ".join(f"{c[:-3]:>9}" for c in cols))
+    for b in batches:
         profile(engine, b, L, 4)  # warm-up
-        for name, blocks in (("native", native), ("general", None)):
+        for name, blocks in (("native", native_blocks), ("general", None))[:2 if args.general else 1]:
             engine.runner.native_blocks = blocks
             p = profile(engine, b, L, args.new_tokens)
-            print(f"{name:>8} {b:>5} {p['step_ms']:>8.2f} {p['block_ms']:>9.3f} {p['head_ms']:>7.2f} {p['rest_ms']:>7.2f}")
-        engine.runner.native_blocks = native
+            results.append({"path": name, "batch": b, "tokens_per_s": 1e3 * b / p["step_ms"], **p})
+            print(f"{name:>8} {b:>5} {1e3 * b / p['step_ms']:>7.1f} "
+                  + " ".join(f"{p[c]:>9.3f}" if c in p else f"{'':>9}" for c in cols))
+        engine.runner.native_blocks = native_blocks
+    return results
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ternary.h"
 
@@ -75,6 +76,24 @@ static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *q) {
     return s;
 }
 
+/* Optional timers (bench/profile_decode.py): seconds in the ternary products, in attention
+ * (RoPE, the KV write, attending), and in whole blocks; off unless asked for. */
+static int profiling = 0;
+static double spent[3];
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Copy the timers into out[3] (when given), zero them, and turn them on or off. */
+void bitskip_decode_profile(int on, double *out) {
+    if (out) memcpy(out, spent, sizeof(spent));
+    memset(spent, 0, sizeof(spent));
+    profiling = on;
+}
+
 /* Buffers for one call, sized for its widest block and allocated once for all its blocks. */
 typedef struct {
     float *x, *y, *attn, *rot, *scales;
@@ -130,8 +149,10 @@ static void project(const Proj *p, const float *x, int64_t n, int64_t k, float *
         }
         s->scales[r] = quantize(xr, kin, p->qmax, s->codes + r * kin);
     }
+    double t0 = profiling ? now() : 0.0;
     bitskip_ternary_gemm_ws(s->codes, n, kin, kin, p->parts, p->part_rows, (int)p->nparts, s->acc,
                             nout, nthreads, s->ws);
+    if (profiling) spent[0] += now() - t0;
     for (int64_t r = 0; r < n; r++) {
         float f = s->scales[r] / (float)p->qmax;
         for (int64_t j = 0; j < nout; j++) y[r * nout + j] = (float)s->acc[r * nout + j] * f * p->gamma[j];
@@ -193,6 +214,7 @@ static void block(const Block *b, float *h, int64_t n, const int64_t *positions,
     for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->input_norm, H, b->eps, x + r * H);
     project(&b->qkv, x, n, H, y, s, nthreads);
     int64_t nq = b->qkv.out_features;
+    double t0 = profiling ? now() : 0.0;
     /* In row order: a row's key and value are in the cache before it attends, so rows that are
      * consecutive tokens of one sequence (a verified draft, a prompt chunk) see their
      * predecessors, and never a later one (each attends to its own position and before). */
@@ -208,6 +230,7 @@ static void block(const Block *b, float *h, int64_t n, const int64_t *positions,
         attend(b, q, s->slots, len, cache_k, cache_v, s->scores, attn + r * qs);
         if (b->attn_sub_norm) rms_norm(attn + r * qs, b->attn_sub_norm, qs, b->eps, attn + r * qs);
     }
+    if (profiling) spent[1] += now() - t0;
     project(&b->o, attn, n, qs, y, s, nthreads);
     for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
 
@@ -238,10 +261,12 @@ int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_
                           const float *rope_sin, int nthreads) {
     Scratch s;
     int rc = scratch_alloc(&s, blocks, nblocks, n, width * block_size);
+    double t0 = profiling ? now() : 0.0;
     if (rc == 0)
         for (int64_t l = 0; l < nblocks; l++)
             block(&blocks[l], h, n, positions, tables + l * n * width, width, block_size, cache_k,
                   cache_v, rope_cos, rope_sin, &s, nthreads);
+    if (profiling) spent[2] += now() - t0;
     scratch_free(&s);
     return rc;
 }
