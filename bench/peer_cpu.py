@@ -110,7 +110,9 @@ def run_worker(system: str, model: Path, args) -> dict:
            "--batches", ",".join(map(str, args.batches)), "--exit-layers", ",".join(map(str, args.exit_layers)),
            "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # Every system under the OpenMP wait policy `bitskip serve` sets (server/cli.py).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -150,6 +152,7 @@ def main() -> None:
                              for s, rs in runs.items()}
     print_table(results, systems, args)
     out = {"benchmark": "peer_cpu", "results": results, "threads": args.threads, "load_average": os.getloadavg(),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
            "commit": git_commit(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
            "date": time.strftime("%Y-%m-%d")}

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `bitskip serve` runs (server/cli.py)
 
 from common import git_commit, write_json  # noqa: E402
 

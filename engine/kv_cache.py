@@ -3,6 +3,8 @@ positions of one layer, so a request that exits at layer k holds blocks for laye
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 from collections import deque
 
@@ -38,6 +40,15 @@ def _check_fits(nbytes: int, num_blocks: int, device: torch.device) -> None:
                          "model's config.json, or the number of sequences (--max-batch)")
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor; on the CPU in fresh anonymous pages, which the kernel hands out zeroed as
+    they are first written: a pool sized for every sequence at full context costs the memory its
+    sequences use (torch.zeros would write, and so commit, all of it up front)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)
+
+
 class KVCache:
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -47,9 +58,9 @@ class KVCache:
                     self.device)
         # Zero-filled so padded reads are finite (their attention weight is exactly 0). One block
         # past the pool is never handed out: padding rows of static decode steps write there.
-        self.k = torch.zeros((num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
+        self.k, self.v = _zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device)
         self.scratch_slot = num_blocks * block_size
-        self.v = torch.zeros_like(self.k)
         self._free: deque[int] = deque(range(num_blocks))
         self._arange = torch.arange(block_size, device=self.device)
 
