@@ -163,9 +163,9 @@ def server_a(p: Probes, url: str, port: int, pid: int) -> None:
     # ---- 3: bad text, header bytes, subnormal values ------------------------------------------
     for path, body in [("/generate", b'{"prompt": %s}'), ("/generate", b'{"prompt": "a", "stop": [%s]}'),
                        ("/v1/completions", b'{"prompt": %s}'), ("/perplexity", b'{"text": %s}'),
-                       ("/tokenize", b'{"prompt": %s}')]:
+                       ("/tokenize", b'{"prompt": %s}'), ("/v1/completions", b'{"prompt": "a", "model": %s}')]:
         r = c.post(path, content=body % SURROGATE, headers={"content-type": "application/json"})
-        p.status("3", f"lone surrogate {path} {body.split(b':')[0].decode()}}}", r, 422)
+        p.status("3", f"lone surrogate: {path} {(body % SURROGATE).decode()}", r, 422)
     get = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Junk: \xff\xfe\r\n"
     for probe, head, want in [("non-UTF-8 header byte, right key", get + b"Authorization: Bearer probe-key\r\n", 200),
                               ("non-UTF-8 header byte, no key", get, 401),
