@@ -93,7 +93,18 @@ def worker(args) -> None:
         rates = measure_bitskip(args.model, cells, args)
     else:
         rates = measure_hf(args.model, args.worker, cells, args)
-    print(json.dumps({"rates": rates, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"rates": rates, "peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux ru_maxrss survives
+    exec, so a worker started by a parent holding a freshly written 1B checkpoint would report
+    the parent's size."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def model_dir(name: str, tmp: Path) -> Path:
