@@ -23,7 +23,7 @@ from .perplexity import PerplexityResult, Scoring
 from .sampler import adjust_logits, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
-from .speculative import MAX_DRAFT_TOKENS, Speculation, SpeculativeRule
+from .speculative import MAX_DRAFT_TOKENS, Speculation, SpeculativeRule, verify_rounds
 from .weights import ModelWeights
 
 log = logging.getLogger("bitskip.engine")
@@ -254,9 +254,13 @@ class LLMEngine:
         results = iter(self.runner.forward(computed) if computed else [])
         drawn = []  # (sequence, logits of its next token, exit layer)
         outputs = []
+        rounds = []  # speculative rounds to verify, after the step's drafts
         for (seq, n), row in zip(batch, rows):
             if seq.speculation is not None and seq.speculation.length:
-                outputs += self._speculated(seq, next(results))
+                if seq.speculation.verifying:
+                    rounds.append((seq, next(results)))
+                else:
+                    outputs += self._drafted(seq, next(results))
                 continue
             seq.num_computed += n
             if row is None:
@@ -271,9 +275,8 @@ class LLMEngine:
                 try:
                     if (out := self._score_chunk(seq, res.logits)) is not None:
                         outputs.append(out)
-                except Exception as e:  # one request's failure must not end the others
-                    self.abort(seq, reason="error")
-                    outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
+                except Exception as e:
+                    outputs.append(self._failed(seq, e))
             elif seq.num_computed == seq.num_tokens:
                 drawn.append((seq, res.logits[res.exit_layer][-1], res.exit_layer))
         for (seq, logits, exit_layer), token in zip(drawn, self._sample(drawn)):
@@ -281,10 +284,9 @@ class LLMEngine:
                 if isinstance(token, Exception):
                     raise token
                 outputs.append(self._append_token(seq, token, logits, exit_layer))
-            except Exception as e:  # one request's failure must not end the others
-                self.abort(seq, reason="error")
-                outputs.append(StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}"))
-        return outputs
+            except Exception as e:
+                outputs.append(self._failed(seq, e))
+        return outputs + self._verified(rounds)
 
     def _score_chunk(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> StepOutput | None:
         """Add a scoring row's predictions (the latest chunk; without a causal mask, the whole
@@ -371,23 +373,43 @@ class LLMEngine:
         return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
                    seq.confidence, seq.pending)
 
-    def _speculated(self, seq: Sequence, res) -> list[StepOutput]:
-        """A speculative round's step: a draft emits nothing, a verify emits its accepted tokens
-        (until the sequence finishes)."""
-        outputs = []
+    def _adjuster(self, seq: Sequence):
+        """adjust(logits, output_ids): the request's penalties, biases and masks after those outputs."""
+        return lambda logits, output_ids: adjust_logits(logits, seq.params, seq.prompt_ids, output_ids,
+                                                        self._stop_ids(seq))
+
+    def _failed(self, seq: Sequence, e: Exception) -> StepOutput:
+        """One request's failure must not end the others: abort it, say why."""
+        self.abort(seq, reason="error")
+        return StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}")
+
+    def _drafted(self, seq: Sequence, res) -> list[StepOutput]:
+        """A speculative draft step emits nothing (unless it fails)."""
         try:
-            spec = seq.speculation
-            tokens = spec.advance(seq, res, lambda logits, output_ids: adjust_logits(
-                logits, seq.params, seq.prompt_ids, output_ids, self._stop_ids(seq)), self.runner.head)
-            for j, token in enumerate(tokens):  # the verify's logits at L of position j chose it
-                outputs.append(self._append_token(seq, token, spec.verified[j], self.model_config.num_hidden_layers))
-                if seq.finished:
-                    break
-        except Exception as e:  # one request's failure must not end the others
-            self.abort(seq, reason="error")
-            return outputs + [StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}")]
-        if outputs:
-            outputs[0].speculated = seq.speculation.last_round
+            seq.speculation.draft(seq, res, self._adjuster(seq))
+        except Exception as e:
+            return [self._failed(seq, e)]
+        return []
+
+    def _verified(self, rounds: list[tuple[Sequence, object]]) -> list[StepOutput]:
+        """The step's verified speculative rounds (their heads at L run together) emit their
+        tokens, each chosen by the verify's logits at L of its position."""
+        outputs, L = [], self.model_config.num_hidden_layers
+        for (seq, _), verdict in zip(rounds, verify_rounds(rounds, self._adjuster, self.runner.head)):
+            emitted = []
+            try:
+                if isinstance(verdict, Exception):
+                    raise verdict
+                for j, token in enumerate(verdict):
+                    emitted.append(self._append_token(seq, token, seq.speculation.verified[j], L))
+                    if seq.finished:
+                        break
+            except Exception as e:
+                outputs += emitted + [self._failed(seq, e)]
+                continue
+            if emitted:
+                emitted[0].speculated = seq.speculation.last_round
+            outputs += emitted
         return outputs
 
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor, exit_layer: int) -> StepOutput:

@@ -28,7 +28,7 @@ from p. Each emitted token is then distributed exactly as full-depth sampling wo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Generator
 
 import torch
 
@@ -114,43 +114,45 @@ class Speculation:
         # earlier drafts wait here, since they join only at block E + 1.
         return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True)
 
-    def advance(self, seq: Sequence, result: RowResult,
-                adjust: Callable[[torch.Tensor, list[int]], torch.Tensor],
-                head: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
-        """Take the step's result: record a draft (returns []) or verify the round (returns the
-        tokens to emit, and moves the sequence's computed length past the accepted ones).
-        `adjust(logits, output_ids)`: the request's penalties and biases after those outputs,
-        applied alike to the draft's and the full model's logits at each position. `head`: the
-        model's head, applied to the verified positions one at a time, up to the first rejection
-        (the positions after it are never needed)."""
+    def draft(self, seq: Sequence, result: RowResult,
+              adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
+        """Take a draft step's result: the head at E proposes the next draft. `adjust(logits,
+        output_ids)`: the request's penalties and biases after those outputs, applied alike to
+        the draft's and the full model's logits at each position."""
         params, generator = seq.params, seq.generator  # the generator lives on the CPU
-        if not self.verifying:
-            logits = adjust(result.logits[self.rule.draft_exit_layer][-1].cpu(),
-                            seq.output_ids + self.drafts)
-            if params.temperature == 0:
-                self.drafts.append(int(torch.argmax(logits)))
-            else:
-                q = distribution(logits, params)
-                self.draft_probs.append(q)
-                self.drafts.append(int(torch.multinomial(q, 1, generator=generator)))
-            self.states = result.pending if self.states is None else Pending(
-                torch.cat([self.states.hidden, result.pending.hidden]), self.states.depths + result.pending.depths)
-            # An unsure draft is likely rejected, and so is everything drafted after it: verify now.
-            if self.rule.draft_confidence > 0 and (
-                    float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
-                self.length = len(self.drafts)
-            return []
-        self.verified = []  # the full model's logits after x0, d1, .. as far as they were needed
-
-        def full(i: int) -> torch.Tensor:
-            """The adjusted logits at L after position i (asked for in order, each once)."""
-            self.verified.append(head(result.states[i:i + 1])[0].cpu())
-            return adjust(self.verified[i], seq.output_ids + self.drafts[:i]).double()
-
+        logits = adjust(result.logits[self.rule.draft_exit_layer][-1].cpu(), seq.output_ids + self.drafts)
         if params.temperature == 0:
-            tokens = _accept_greedy(self.drafts, full)
+            self.drafts.append(int(torch.argmax(logits)))
         else:
-            tokens = _accept_sampled(self.drafts, self.draft_probs, full, params, generator)
+            q = distribution(logits, params)
+            self.draft_probs.append(q)
+            self.drafts.append(int(torch.multinomial(q, 1, generator=generator)))
+        self.states = result.pending if self.states is None else Pending(
+            torch.cat([self.states.hidden, result.pending.hidden]), self.states.depths + result.pending.depths)
+        # An unsure draft is likely rejected, and so is everything drafted after it: verify now.
+        if self.rule.draft_confidence > 0 and (
+                float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
+            self.length = len(self.drafts)
+
+    def verify(self, seq: Sequence, result: RowResult,
+               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]
+               ) -> Generator[torch.Tensor, torch.Tensor, list[int]]:
+        """Verify the round from the verify step's result (the hidden states at L after x0, d1, ..).
+        A generator: it yields the state of the next position whose logits it needs (in order,
+        up to the first rejection: the positions after it are never needed), is sent the head's
+        logits for it, and returns the tokens to emit, having moved the sequence's computed
+        length past the accepted ones. The engine runs the head for several rounds at once."""
+        params = seq.params
+        rule = (_accept_greedy(self.drafts) if params.temperature == 0 else
+                _accept_sampled(self.drafts, self.draft_probs, params, seq.generator))
+        self.verified = []  # the full model's logits after x0, d1, .. as far as they were needed
+        try:
+            i = next(rule)
+            while True:
+                self.verified.append((yield result.states[i:i + 1]).cpu())
+                i = rule.send(adjust(self.verified[i], seq.output_ids + self.drafts[:i]).double())
+        except StopIteration as done:
+            tokens = done.value
         m = len(self.drafts)
         self.drafted += m
         self.accepted += len(tokens) - 1
@@ -160,23 +162,63 @@ class Speculation:
         return tokens
 
 
-def _accept_greedy(drafts: list[int], full: Callable[[int], torch.Tensor]) -> list[int]:
+def verify_rounds(rounds: list[tuple[Sequence, RowResult]],
+                  adjust: Callable[[Sequence], Callable[[torch.Tensor, list[int]], torch.Tensor]],
+                  head: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int] | Exception]:
+    """Verify the rounds of one step together: the head at L runs once per position for every
+    round still deciding (position 0 of each, then 1 of those that accepted their first draft,
+    ...), so it computes no logits a round does not use, in at most k + 1 calls. Returns each
+    round's tokens, or the exception that ended it (the others go on)."""
+    verdicts: list[list[int] | Exception | None] = [None] * len(rounds)
+    asking: dict[int, tuple[Generator, torch.Tensor]] = {}  # round -> (its verify, state it needs)
+
+    def send(i: int, verify: Generator, logits: torch.Tensor | None) -> None:
+        try:
+            asking[i] = (verify, verify.send(logits))
+        except StopIteration as done:
+            asking.pop(i, None)
+            verdicts[i] = done.value
+        except Exception as e:
+            asking.pop(i, None)
+            verdicts[i] = e
+
+    for i, (seq, result) in enumerate(rounds):
+        send(i, seq.speculation.verify(seq, result, adjust(seq)), None)
+    while asking:
+        waiting = list(asking.items())
+        try:
+            logits = head(torch.cat([state for _, (_, state) in waiting]))
+        except Exception as e:
+            for i in asking:
+                verdicts[i] = e
+            break
+        for (i, (verify, _)), row in zip(waiting, logits):
+            send(i, verify, row)
+    return verdicts
+
+
+# An acceptance rule: yields the position whose (adjusted) logits at L it needs next, is sent
+# them, returns the round's tokens.
+Verdict = Generator[int, torch.Tensor, list[int]]
+
+
+def _accept_greedy(drafts: list[int]) -> Verdict:
     for i, d in enumerate(drafts):
-        token = int(torch.argmax(full(i)))
+        token = int(torch.argmax((yield i)))
         if d != token:
             return drafts[:i] + [token]
-    return drafts + [int(torch.argmax(full(len(drafts))))]
+    return drafts + [int(torch.argmax((yield len(drafts))))]
 
 
-def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], full: Callable[[int], torch.Tensor],
-                    params, generator: torch.Generator) -> list[int]:
+def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], params,
+                    generator: torch.Generator) -> Verdict:
     for i, (d, q) in enumerate(zip(drafts, draft_probs)):
-        p = distribution(full(i), params)
+        p = distribution((yield i), params)
         u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device))
         if u * float(q[d]) >= float(p[d]):  # rejected: P(accept) = min(1, p(d) / q(d))
             residual = torch.clamp(p - q, min=0.0)
             total = float(residual.sum())
             fix = residual / total if total > 0 else p
             return drafts[:i] + [int(torch.multinomial(fix, 1, generator=generator))]
-    bonus = distribution(full(len(drafts)), params)
+    bonus = distribution((yield len(drafts)), params)
     return drafts + [int(torch.multinomial(bonus, 1, generator=generator))]
