@@ -34,7 +34,7 @@ def test_head_equals_float64_reference(lib, m, k, v):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_row_alone_equals_the_row_in_a_batch(lib, threads):
     gen = torch.Generator().manual_seed(threads)
-    x, w = torch.randn(7, 256, generator=gen), torch.randn(1000, 256, generator=gen)
+    x, w = torch.randn(7, 256, generator=gen), torch.randn(3000, 256, generator=gen)  # threaded
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -16,7 +16,7 @@
 
 #define LANES 32         /* partial sums per dot product: four 8-float registers */
 #define HEAD_ROWS 32     /* head rows per task (32 x 8 KB at hidden 2048: in L2) */
-#define PARALLEL_MACS (1 << 18)
+#define PARALLEL_MACS (1 << 21)  /* as in ternary.c: smaller products stay on one thread */
 
 /* The fixed reduction of the LANES partial sums: four registers added pairwise, then the eight
  * lanes as a tree. */

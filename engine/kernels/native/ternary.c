@@ -31,7 +31,9 @@
 #define FLUSH_GROUPS 8   /* groups summed in int16 before widening to int32 */
 #define MR 4             /* activation rows per pass over a weight row */
 #define NC 16            /* output rows per task: their packed rows stay in L1 across passes */
-#define PARALLEL_MACS (1 << 18)  /* below this a call runs on one thread: waking others costs more */
+/* Below this a call runs on one thread: waking another costs more, and on a busy machine the
+ * woken thread may wait for a time slice while the region waits for it (~100-200 us of work). */
+#define PARALLEL_MACS (1 << 21)
 
 typedef struct {
     const uint8_t *const *parts;  /* each part's packed rows, [part_rows[p], K / 4] */
