@@ -130,7 +130,8 @@ class ModelRunner:
     kernels run; the control flow here is the same on each."""
 
     # Native blocks take rows of up to this many tokens of one sequence (decode steps, verified
-    # drafts, short prompt chunks); longer prompt chunks attend faster through torch's matmuls.
+    # drafts, short prompt chunks); longer prompt chunks take the general path, whose attention is
+    # batched matmuls (the native block attends row after row on one thread).
     NATIVE_SPAN = 16
 
     def __init__(self, weights: ModelWeights, kv_cache: KVCache | None = None,
