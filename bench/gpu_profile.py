@@ -65,7 +65,7 @@ def main() -> None:
     decode_steps(engine, args.batch, exit_layer, 16)                 # compile, autotune, capture
     plain_s, plain_tokens = decode_steps(engine, args.batch, exit_layer, args.steps)
     prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * CUDA)
-    _, _ = decode_steps(engine, args.batch, exit_layer, args.steps, prof)
+    decode_steps(engine, args.batch, exit_layer, args.steps, prof)
     steps = plain_tokens / args.batch
 
     gpu_us, count = defaultdict(float), defaultdict(int)
