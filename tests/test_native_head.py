@@ -1,6 +1,6 @@
 """The native float32 head: the product lm_head(x) to float32 rounding of the exact (float64)
 sums, a row's logits bit-identical alone and in any batch, with and without threads, on the AVX2
-and the portable path."""
+and the portable path (which give the same bits)."""
 
 from __future__ import annotations
 
@@ -44,3 +44,20 @@ def test_a_row_alone_equals_the_row_in_a_batch(lib, threads):
         assert torch.equal(native.head_matmul(lib, x[2:5], w), batch[2:5])
     finally:
         torch.set_num_threads(before)
+
+
+def test_avx2_equals_the_portable_order_bit_for_bit():
+    """The vector kernel (several head rows a pass, the tree in registers) sums in the portable
+    path's order: K not a multiple of 32, 1..9 rows, vocab not a multiple of the pass or the task."""
+    lib = native.library()
+    gen = torch.Generator().manual_seed(16)
+    for _ in range(40):
+        m, k, v = (int(torch.randint(lo, hi, (1,), generator=gen)) for lo, hi in ((1, 10), (1, 300), (1, 200)))
+        x, w = torch.randn(m, k, generator=gen), torch.randn(v, k, generator=gen) * 3
+        fast = native.head_matmul(lib, x, w)
+        lib.bitskip_head_force_portable(1)
+        try:
+            portable = native.head_matmul(lib, x, w)
+        finally:
+            lib.bitskip_head_force_portable(0)
+        assert torch.equal(fast, portable), (m, k, v)

@@ -26,7 +26,7 @@ log = logging.getLogger("bitskip.kernels")
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "head.c"]
-HEADERS = [HERE / "ternary.h"]
+HEADERS = [HERE / "ternary.h", HERE / "head.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
 OPENMP = ["-fopenmp"]
@@ -136,8 +136,8 @@ class PackedMatmul:
 
 
 def head_matmul(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x float32 [M, K] @ weight float32 [V, K].T, each row summed in one fixed order (its logits
-    do not depend on the other rows), threads over the head's rows."""
+    """x float32 [M, K] @ weight float32 [V, K].T, each row summed in one fixed order (head.c: its
+    logits do not depend on the other rows, the threads or the CPU path), threads over the head's rows."""
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     lib.bitskip_head(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0],

@@ -1,14 +1,24 @@
 /* The shared head's float32 product: out[m, v] = sum_k x[m, k] * w[v, k] (x already normed).
  *
  * It reads the whole head (vocab x hidden float32) once per step, for every row at once: a task
- * of HEAD_ROWS head rows stays in L2 while each pair of activation rows passes over it. Each dot
- * product sums in one fixed order (LANES partial sums over k mod LANES, then a fixed tree, then the
- * tail k >= K - K % LANES in order) whatever the number of rows, the thread count or the task
- * split, so a row's logits do not depend on the batch. AVX2 with FMA where the CPU has it, else
- * the same order in portable C (without FMA, so the two paths may differ in the last bit).
+ * of HEAD_ROWS head rows stays in L2 while each activation row passes over it. Each dot product
+ * sums in one fixed order whatever the number of rows, the thread count or the task split, so a
+ * row's logits do not depend on the batch:
+ *
+ *   LANES = 32 partial sums p[j] over k = j (mod 32) for k < body = K - K % 32, each a chain of
+ *   fused multiply-adds p[j] = fma(x[k], w[k], p[j]) from 0; then the fixed tree
+ *   r[i] = (p[i] + p[8 + i]) + (p[16 + i] + p[24 + i]),
+ *   s = ((r[0] + r[4]) + (r[2] + r[6])) + ((r[1] + r[5]) + (r[3] + r[7]));
+ *   then the tail in order: s = s + x[k] * w[k] (product rounded, then the sum) for k >= body.
+ *
+ * The AVX2 path keeps the 32 partial sums in four registers and does the tree in registers (the
+ * lane-wise adds, then the high and low 128-bit halves, then two shuffles), several head rows per
+ * pass sharing each activation load. The portable path computes the same order with fmaf, so the
+ * two paths give the same bits (where fmaf has no hardware instruction it is slow: a fallback).
  */
+#include <math.h>
 #include <stdint.h>
-#include <string.h>
+#include "head.h"
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define HAVE_X86 1
@@ -16,92 +26,91 @@
 
 #define LANES 32         /* partial sums per dot product: four 8-float registers */
 #define HEAD_ROWS 32     /* head rows per task (32 x 8 KB at hidden 2048: in L2) */
+#define NR_MAX 3         /* head rows per AVX2 pass: 12 accumulators and the activation load */
 #define PARALLEL_MACS (1 << 21)  /* as in ternary.c: smaller products stay on one thread */
 
-/* The fixed reduction of the LANES partial sums: four registers added pairwise, then the eight
- * lanes as a tree. */
-static float reduce(const float *p) {
-    float r[8];
+/* One head row's dot with x in the fixed order, in portable C. */
+static float dot_portable(const float *x, const float *w, int64_t K) {
+    int64_t body = K - K % LANES, k;
+    float p[LANES] = {0}, r[8];
+    for (k = 0; k < body; k += LANES)
+        for (int j = 0; j < LANES; j++) p[j] = fmaf(x[k + j], w[k + j], p[j]);
     for (int i = 0; i < 8; i++) r[i] = (p[i] + p[8 + i]) + (p[16 + i] + p[24 + i]);
-    return ((r[0] + r[4]) + (r[2] + r[6])) + ((r[1] + r[5]) + (r[3] + r[7]));
-}
-
-static float tail(const float *x, const float *w, int64_t k0, int64_t K, float s) {
-    for (int64_t k = k0; k < K; k++) s += x[k] * w[k];
+    float s = ((r[0] + r[4]) + (r[2] + r[6])) + ((r[1] + r[5]) + (r[3] + r[7]));
+    for (; k < K; k++) s += x[k] * w[k];  /* -ffp-contract=off: the product is rounded first */
     return s;
 }
 
-static void dot_portable(const float *x, int64_t ldx, int mr, const float *w, int64_t K, float *out,
-                         int64_t ldo) {
-    int64_t body = K - K % LANES;
-    for (int i = 0; i < mr; i++) {
-        const float *xi = x + i * ldx;
-        float p[LANES] = {0};
-        for (int64_t k = 0; k < body; k += LANES)
-            for (int j = 0; j < LANES; j++) p[j] += xi[k + j] * w[k + j];
-        out[i * ldo] = tail(xi, w, body, K, reduce(p));
-    }
+static void rows_portable(const float *x, int64_t K, const float *const *w, int n, float *out) {
+    for (int i = 0; i < n; i++) out[i] = dot_portable(x, w[i], K);
 }
 
 #ifdef HAVE_X86
-/* One head row against mr (1 or 2) activation rows; each row's sums as in dot_portable. */
+/* The fixed tree over four registers of partial sums (lane i of register j is p[8j + i]). */
+__attribute__((target("avx2,fma"), always_inline)) static inline float
+tree(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 r = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1)); /* r[i] + r[i+4] */
+    __m128 g = _mm_add_ps(h, _mm_movehl_ps(h, h));                                 /* h[i] + h[i+2] */
+    return _mm_cvtss_f32(_mm_add_ss(g, _mm_movehdup_ps(g)));                       /* g[0] + g[1] */
+}
+
+/* NR head rows against one activation row, each in the fixed order. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void
-dot_avx2_n(const float *x, int64_t ldx, const int mr, const float *w, int64_t K, float *out, int64_t ldo) {
-    int64_t body = K - K % LANES;
-    __m256 acc[2][4];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < body; k += LANES) {
-        __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
-        __m256 w2 = _mm256_loadu_ps(w + k + 16), w3 = _mm256_loadu_ps(w + k + 24);
-        for (int i = 0; i < mr; i++) {
-            const float *xi = x + i * ldx + k;
-            acc[i][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xi), w0, acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 8), w1, acc[i][1]);
-            acc[i][2] = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 16), w2, acc[i][2]);
-            acc[i][3] = _mm256_fmadd_ps(_mm256_loadu_ps(xi + 24), w3, acc[i][3]);
+pass_avx2(const float *x, int64_t K, const float *const *w, const int NR, float *out) {
+    int64_t body = K - K % LANES, k;
+    __m256 acc[NR_MAX][4];
+    for (int n = 0; n < NR; n++)
+        for (int j = 0; j < 4; j++) acc[n][j] = _mm256_setzero_ps();
+    for (k = 0; k < body; k += LANES)
+        for (int j = 0; j < 4; j++) {
+            __m256 xv = _mm256_loadu_ps(x + k + 8 * j);
+            for (int n = 0; n < NR; n++)
+                acc[n][j] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w[n] + k + 8 * j), acc[n][j]);
         }
-    }
-    for (int i = 0; i < mr; i++) {
-        float p[LANES];
-        for (int j = 0; j < 4; j++) _mm256_storeu_ps(p + 8 * j, acc[i][j]);
-        out[i * ldo] = tail(x + i * ldx, w, body, K, reduce(p));
+    for (int n = 0; n < NR; n++) {
+        float s = tree(acc[n][0], acc[n][1], acc[n][2], acc[n][3]);
+        for (int64_t t = body; t < K; t++) s += x[t] * w[n][t];
+        out[n] = s;
     }
 }
 
 __attribute__((target("avx2,fma"))) static void
-dot_avx2(const float *x, int64_t ldx, int mr, const float *w, int64_t K, float *out, int64_t ldo) {
-    if (mr == 2)
-        dot_avx2_n(x, ldx, 2, w, K, out, ldo);
-    else
-        dot_avx2_n(x, ldx, 1, w, K, out, ldo);
+rows_avx2(const float *x, int64_t K, const float *const *w, int n, float *out) {
+    int i = 0;
+    for (; i + NR_MAX <= n; i += NR_MAX) pass_avx2(x, K, w + i, NR_MAX, out + i);
+    if (n - i == 2)
+        pass_avx2(x, K, w + i, 2, out + i);
+    else if (n - i == 1)
+        pass_avx2(x, K, w + i, 1, out + i);
 }
 #endif
-
-typedef void (*dot_fn)(const float *, int64_t, int, const float *, int64_t, float *, int64_t);
 
 static int force_portable = 0;
 
 void bitskip_head_force_portable(int on) { force_portable = on; }
 
-static dot_fn pick(void) {
+head_rows_fn bitskip_head_rows_kernel(void) {
 #ifdef HAVE_X86
-    if (!force_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dot_avx2;
+    if (!force_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
 #endif
-    return dot_portable;
+    return rows_portable;
+}
+
+int bitskip_head_threads(int64_t M, int64_t K, int64_t V, int nthreads) {
+    return (double)M * (double)V * (double)K < PARALLEL_MACS ? 1 : nthreads;
 }
 
 /* x float32 [M, K] (rows contiguous), w float32 [V, K] -> out float32 [M, V]. */
 void bitskip_head(const float *x, int64_t M, int64_t K, const float *w, int64_t V, float *out, int nthreads) {
-    dot_fn dot = pick();
+    head_rows_fn rows = bitskip_head_rows_kernel();
     int64_t tasks = (V + HEAD_ROWS - 1) / HEAD_ROWS;
-    if ((double)M * (double)V * (double)K < PARALLEL_MACS) nthreads = 1;
+    nthreads = bitskip_head_threads(M, K, V, nthreads);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
     for (int64_t t = 0; t < tasks; t++) {
-        int64_t v0 = t * HEAD_ROWS, v1 = v0 + HEAD_ROWS < V ? v0 + HEAD_ROWS : V;
-        for (int64_t m0 = 0; m0 < M; m0 += 2) {
-            int mr = M - m0 < 2 ? 1 : 2;
-            for (int64_t v = v0; v < v1; v++) dot(x + m0 * K, K, mr, w + v * K, K, out + m0 * V + v, V);
-        }
+        int64_t v0 = t * HEAD_ROWS, n = V - v0 < HEAD_ROWS ? V - v0 : HEAD_ROWS;
+        const float *wr[HEAD_ROWS];
+        for (int i = 0; i < n; i++) wr[i] = w + (v0 + i) * K;
+        for (int64_t m = 0; m < M; m++) rows(x + m * K, K, wr, (int)n, out + m * V + v0);
     }
 }

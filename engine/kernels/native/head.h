@@ -1,0 +1,13 @@
+/* The float32 head's dot products (head.c), shared with the screened head (head_screen.c). */
+#ifndef BITSKIP_HEAD_H
+#define BITSKIP_HEAD_H
+#include <stdint.h>
+
+/* out[i] = the fixed-order float32 dot of x [K] with head row w[i] [K], for i < n. */
+typedef void (*head_rows_fn)(const float *x, int64_t K, const float *const *w, int n, float *out);
+
+head_rows_fn bitskip_head_rows_kernel(void);
+/* The threads a product of M x V x K multiply-adds gets (small ones stay on one). */
+int bitskip_head_threads(int64_t M, int64_t K, int64_t V, int nthreads);
+
+#endif
