@@ -91,7 +91,7 @@ class DecodeGraphs:
             if leaving:
                 logits = runner.head(self.h[leaving[0]:live])
                 for j, row_logits in zip(leaving, logits):
-                    # a speculative draft keeps its state after block hi for the verify step
+                    # a speculative draft keeps its state after block hi for the round's verify
                     kept = Pending(self.h[j:j + 1].clone(), [hi]) if rows[order[j]].keep_states else None
                     results[order[j]] = RowResult({hi: row_logits[None]}, hi, kept)
             lo = hi

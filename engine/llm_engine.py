@@ -147,13 +147,13 @@ class LLMEngine:
             raise ValueError(f"draft_exit_layer must be in 1..{L - 1}, got {draft_exit_layer!r}")
         limit = self.speculative_draft_limit
         if type(num_draft_tokens) is int and num_draft_tokens > limit:
-            raise ValueError(f"num_draft_tokens must be in 1..{limit} (a verify step computes "
-                             f"k + 1 tokens within the step budget), got {num_draft_tokens}")
+            raise ValueError(f"num_draft_tokens must be in 1..{limit} (a round computes "
+                             f"k + 1 tokens in one step, within its budget), got {num_draft_tokens}")
         return SpeculativeRule(draft_exit_layer, num_draft_tokens, draft_confidence)
 
     @property
     def speculative_draft_limit(self) -> int:
-        """The most drafts a round may take: a verify computes them and one more in one step."""
+        """The most drafts a round may take: its step computes them and one more."""
         return min(MAX_DRAFT_TOKENS, self.config.max_num_batched_tokens - 1)
 
     def validate_request(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
@@ -193,7 +193,7 @@ class LLMEngine:
             if need > self.kv_cache.num_blocks:
                 raise ValueError(f"request needs {need} KV blocks; the cache has {self.kv_cache.num_blocks}")
         return Sequence(list(prompt_ids), params, exit_layer, confidence,
-                        Speculation(speculative) if speculative else None)
+                        Speculation(speculative, mc.max_position_embeddings) if speculative else None)
 
     def validate_scoring(self, ids: list[int], exit_layers: list[int]) -> Sequence:
         """A perplexity request as a Sequence: its windows run as prompt chunks at the deepest
@@ -245,22 +245,21 @@ class LLMEngine:
         if not batch:
             return []
         now = time.perf_counter()
-        rows = []
-        for seq, n in batch:
+        for seq, _ in batch:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
-            rows.append(self._row(seq, n))
+        # The speculative rounds' drafts first; their verifies join the step's main call.
+        outputs = self._draft([seq for seq, _ in batch if seq.speculation and seq.speculation.length])
+        rows = [None if seq.finished else self._row(seq, n) for seq, n in batch]
         computed = [r for r in rows if r is not None]
         results = iter(self.runner.forward(computed) if computed else [])
         drawn = []  # (sequence, logits of its next token, exit layer)
-        outputs = []
-        rounds = []  # speculative rounds to verify, after the step's drafts
+        rounds = []  # speculative rounds to verify
         for (seq, n), row in zip(batch, rows):
+            if seq.finished:  # failed while drafting
+                continue
             if seq.speculation is not None and seq.speculation.length:
-                if seq.speculation.verifying:
-                    rounds.append((seq, next(results)))
-                else:
-                    outputs += self._drafted(seq, next(results))
+                rounds.append((seq, next(results)))
                 continue
             seq.num_computed += n
             if row is None:
@@ -361,10 +360,8 @@ class LLMEngine:
                 return None
             return Row(seq.all_ids, 0, depth, None, {depth: "all" if scoring else "last"},
                        None if scoring else seq.confidence)
-        if seq.speculation is not None:
-            row = seq.speculation.next_row(seq, self.model_config)
-            if row is not None:
-                return row
+        if seq.speculation is not None and seq.speculation.length:
+            return seq.speculation.next_row(seq)  # the round's verify
         tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
         if scoring:
             return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "all"})
@@ -383,13 +380,18 @@ class LLMEngine:
         self.abort(seq, reason="error")
         return StepOutput(seq, None, "", True, f"{type(e).__name__}: {e}")
 
-    def _drafted(self, seq: Sequence, res) -> list[StepOutput]:
-        """A speculative draft step emits nothing (unless it fails)."""
-        try:
-            seq.speculation.draft(seq, res, self._adjuster(seq))
-        except Exception as e:
-            return [self._failed(seq, e)]
-        return []
+    def _draft(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Run the rounds of `seqs` up to their verify: one runner call per draft position, of
+        the rounds still drafting (a round may stop early, at an unsure draft). Emits nothing,
+        unless a round fails."""
+        outputs = []
+        while seqs := [seq for seq in seqs if not seq.finished and seq.speculation.drafting]:
+            for seq, res in zip(seqs, self.runner.forward([seq.speculation.next_row(seq) for seq in seqs])):
+                try:
+                    seq.speculation.draft(seq, res, self._adjuster(seq))
+                except Exception as e:
+                    outputs.append(self._failed(seq, e))
+        return outputs
 
     def _verified(self, rounds: list[tuple[Sequence, object]]) -> list[StepOutput]:
         """The step's verified speculative rounds (their heads at L run together) emit their

@@ -56,11 +56,11 @@ class Scheduler:
             if seq not in self.running:  # preempted below to make room for an earlier one
                 continue
             n = min(seq.num_tokens - seq.num_computed, self._budget)
-            # A speculative round writes positions past the tokens, and its verify step computes
-            # the drafted tokens too; a verify that does not fit waits for the next step.
-            ahead, joining = seq.speculation.lookahead if seq.speculation else (0, 0)
-            if n <= 0 or n + joining > self._budget:
+            if n <= 0:
                 continue
+            # A speculative round (drafts and verify in this step) computes and writes `ahead`
+            # positions past the sequence's tokens: the step's budget pays for them too.
+            ahead = seq.speculation.plan(seq, self._budget - n) if seq.speculation else 0
             while not self._reserve(seq, n + ahead):
                 batched = {s for s, _ in batch}
                 victim = next(s for s in reversed(self.running) if s not in batched)
@@ -69,7 +69,7 @@ class Scheduler:
                     break
             else:
                 batch.append((seq, n))
-                self._budget -= n + joining
+                self._budget -= n + ahead
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence and free its KV blocks."""

@@ -2,21 +2,24 @@
 E+1..L over every drafted position at once, keep the longest prefix the full model agrees with
 and the full model's own next token. The output is the full model's.
 
-A round of a sequence whose last token x0 has no KV yet, drafting m tokens (m <= k):
+A round of a sequence whose last token x0 has no KV yet, drafting m tokens (m <= k), runs
+within one engine step (so the step's scheduling, output processing and detokenizing are paid
+once per round, not once per drafted token):
 
-- draft steps 0..m-1: x0, d1, .., d_{m-1} each run blocks 1..E (one token a step, writing KV
-  at layers 1..E), the head at E proposes d1..dm, and the runner returns each token's layer-E
-  hidden state (`Row.keep_states`), which the round keeps;
-- verify step: d_m runs blocks 1..E, and at block E+1 the kept states of x0..d_{m-1} join it as
-  the runner's pending tokens, so blocks E+1..L run once over the m + 1 positions; the head at
-  L then gives the full model's prediction after each of them, position by position up to the
-  first rejection.
+- drafts: x0, d1, .., d_{m-1} each run blocks 1..E, one runner call each (the step's drafting
+  rows together, before its main call), writing KV at layers 1..E; the head at E proposes
+  d1..dm, and the runner returns each token's layer-E hidden state (`Row.keep_states`), which
+  the round keeps;
+- verify, in the step's main runner call beside every other row: d_m runs blocks 1..E, and at
+  block E+1 the kept states of x0..d_{m-1} join it as the runner's pending tokens, so blocks
+  E+1..L run once over the m + 1 positions; the head at L then gives the full model's
+  prediction after each of them, position by position up to the first rejection.
 
 Blocks 1..E never run twice for a token. The KV of layers 1..E does not depend on depth, so the
 draft's KV is the full model's; positions past the accepted ones (a rejected draft's KV at every
 layer) lie beyond the sequence's computed length and are overwritten by the next round, so
-rolling back is moving that length. The sequence keeps its KV blocks for the positions a round
-may write.
+rolling back is moving that length. The scheduler plans the round's length with the step (m + 1
+tokens of the step's budget, KV blocks for m + 1 positions), so no round outlives its step.
 
 Acceptance: greedy keeps a draft while it equals the full model's argmax. With temperature > 0
 it is the standard speculative sampling rule (draft distribution q from exit E, target p from
@@ -36,8 +39,6 @@ from .model_runner import Pending, Row, RowResult
 from .sampler import distribution
 
 if TYPE_CHECKING:
-    from models.config import BitSkipConfig
-
     from .sequence import Sequence
 
 MAX_DRAFT_TOKENS = 16
@@ -65,8 +66,9 @@ class SpeculativeRule:
 class Speculation:
     """One sequence's speculative state: its rule, the round in progress and what it has drafted."""
 
-    def __init__(self, rule: SpeculativeRule):
+    def __init__(self, rule: SpeculativeRule, context: int):
         self.rule = rule
+        self.context = context                    # the model's positions: no round drafts past it
         self.drafted = 0                          # drafted tokens verified so far
         self.accepted = 0                         # ... of which the full model agreed with
         self.last_round: tuple[int, int] | None = None  # (drafted, accepted) of the latest verify
@@ -80,35 +82,30 @@ class Speculation:
         self.draft_probs: list[torch.Tensor] = []  # q of each draft (temperature > 0 only)
         self.states: Pending | None = None        # layer-E states of x0, d1, ..
 
-    @property
-    def verifying(self) -> bool:
-        return self.length > 0 and len(self.drafts) == self.length
+    def plan(self, seq: Sequence, room: int) -> int:
+        """For the scheduler: start a round in this step, drafting at most `room` tokens (what
+        the step's token budget leaves past the sequence's next token). Returns the round's
+        drafts m: the step computes and writes m positions past the sequence's tokens. 0: an
+        ordinary full-depth step (the prompt, a recompute after preemption, no room to draft)."""
+        self.reset()
+        if seq.output_ids and seq.num_tokens - seq.num_computed == 1:
+            # Never draft past max_tokens or the context: the round emits up to m + 1 tokens.
+            self.length = max(0, min(self.rule.num_draft_tokens, room,
+                                     seq.params.max_tokens - len(seq.output_ids) - 1,
+                                     self.context - seq.num_tokens))
+        return self.length
 
     @property
-    def lookahead(self) -> tuple[int, int]:
-        """For the scheduler: (positions past the sequence's tokens that its next step writes,
-        tokens that step computes besides the scheduled one)."""
-        m = len(self.drafts)
-        return m, m if self.verifying else 0
+    def drafting(self) -> bool:
+        return len(self.drafts) < self.length
 
     # ---- the runner's rows -----------------------------------------------------------------
-    def next_row(self, seq: Sequence, config: BitSkipConfig) -> Row | None:
-        """The sequence's next step in a round, or None when it takes an ordinary full-depth step
-        (the prompt, a recompute after preemption, or no room left to draft)."""
-        if not seq.output_ids or seq.num_tokens - seq.num_computed != 1:
-            return None
-        if self.length == 0:
-            # Never draft past max_tokens or the context: the round emits up to m + 1 tokens.
-            self.length = min(self.rule.num_draft_tokens,
-                              seq.params.max_tokens - len(seq.output_ids) - 1,
-                              config.max_position_embeddings - seq.num_tokens)
-            if self.length <= 0:
-                self.length = 0
-                return None
-        m, E, L = len(self.drafts), self.rule.draft_exit_layer, config.num_hidden_layers
+    def next_row(self, seq: Sequence) -> Row:
+        """The runner's row for the round's next draft, or for its verify once drafting is done."""
+        m, E, L = len(self.drafts), self.rule.draft_exit_layer, seq.exit_layer
         token = self.drafts[-1] if m else seq.all_ids[-1]
         start = seq.num_computed + m
-        if self.verifying:
+        if not self.drafting:
             return Row([token], start, L, seq.kv, {L: "states"}, pending=self.states)
         # A draft is a plain one-token row (the decode fast paths take it); the states of the
         # earlier drafts wait here, since they join only at block E + 1.

@@ -125,7 +125,7 @@ SPECULATIVE_FIELDS = ("draft_exit_layer", "num_draft_tokens", "draft_confidence"
 
 def _speculative(doc: dict, L: int, max_draft_tokens: int) -> None:
     """The speculative policy's fields: a draft exit below the full depth, at most as many drafts
-    as a verify step fits in the step budget, and refused with the other policies."""
+    as a round (k + 1 tokens in one step) fits in the step budget, and refused with the other policies."""
     schemas = doc["components"]["schemas"]
     for name in ("GenerateRequest", "CompletionRequest", "ChatCompletionRequest"):
         if name not in schemas or "draft_exit_layer" not in schemas[name]["properties"]:

@@ -42,7 +42,10 @@ def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_ex
     for k, confidence in ((1, 0.0), (3, 0.0), (8, 0.0), (8, 0.9)):
         seq = engine.add_request(PROMPT, GREEDY, speculative=SpeculativeRule(draft_exit, k, confidence))
         before = list(engine.runner.blocks_run)
-        run(engine)
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
         spec = seq.speculation
         assert seq.output_ids == full.output_ids, f"E={draft_exit} k={k}"
         assert seq.exit_layers == [L] * len(seq.output_ids) and seq.exit_label == "speculative"
@@ -52,6 +55,7 @@ def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_ex
         rounds = len(seq.output_ids) - 1 - spec.accepted
         ran = [b - a for a, b in zip(before, engine.runner.blocks_run)]
         assert ran[1:] == [len(PROMPT) + spec.drafted + rounds] * L
+        assert steps == 1 + rounds, "the prompt's step, then one step per round"
         if confidence:  # unsure drafts end their round early
             assert spec.drafted < k * rounds
     assert accepted and rejected, "the test needs both accepted and rejected drafts"
@@ -68,17 +72,23 @@ def test_mixed_batch_gives_the_same_tokens_as_requests_alone(sure):
     for ids, kw in requests:  # one at a time
         alone.append(engine.add_request(ids, GREEDY, **kw))
         run(engine)
-    # A small step budget staggers the rows: some prefill while others draft or verify.
+    # A small step budget staggers the rows: some prefill while others run rounds, and rounds
+    # are shortened to what the budget leaves.
     engine = engine_for(sure, max_num_batched_tokens=9)
     together = []
-    phases = set()
+    mixed = False
     for ids, kw in requests:
         together.append(engine.add_request(ids, GREEDY, **kw))
         engine.step()
     while engine.has_unfinished():
-        phases.add(tuple(s.speculation.verifying for s in engine.last_batch if s.speculation))
+        drafted = {s: s.speculation.drafted for s in together if s.speculation}
+        computed = engine.runner.blocks_run[1]
         engine.step()
-    assert any(True in p and False in p for p in phases), "rows never drafted and verified together"
+        # Every token a step computes runs block 1 once (drafts and verified tokens included).
+        assert engine.runner.blocks_run[1] - computed <= 9, "a round's tokens count in the step budget"
+        rounds = [s for s in engine.last_batch if s.speculation and s.speculation.drafted > drafted[s]]
+        mixed |= bool(rounds) and any(not s.speculation for s in engine.last_batch)
+    assert mixed, "rounds never shared a step with other rows"
     for a, b in zip(alone, together):
         assert a.output_ids == b.output_ids
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
@@ -113,7 +123,7 @@ def test_preemption_and_abort_mid_round(sure):
     seqs = [engine.add_request(list(range(20 + i, 30 + i)), GREEDY,
                                speculative=SpeculativeRule(2, 3)) for i in range(3)]
     victim = engine.add_request(PROMPT, GREEDY, speculative=SpeculativeRule(1, 3))
-    while not victim.speculation.drafts:
+    while not victim.speculation.drafted:  # aborted between two rounds
         engine.step()
     engine.abort(victim)
     run(engine)
