@@ -20,7 +20,7 @@ from .kv_cache import KVCache, SequenceKV
 from .logprobs import logprobs_of, record_prompt_logprobs
 from .model_runner import ModelRunner, Row
 from .perplexity import PerplexityResult, Scoring
-from .sampler import adjust_logits, sample
+from .sampler import adjust_logits, reads_only_argmax, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
 from .speculative import MAX_DRAFT_TOKENS, Speculation, SpeculativeRule, verify_rounds
@@ -368,7 +368,8 @@ class LLMEngine:
         if seq.confidence is not None and not completes:
             depth = seq.confidence.first_exit(self.model_config.num_hidden_layers)
         return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "last"} if completes else {},
-                   seq.confidence, seq.pending)
+                   seq.confidence, seq.pending, argmax_only=seq.confidence is None and reads_only_argmax(
+                       seq.params, seq.output_ids, self._stop_ids(seq)))
 
     def _adjuster(self, seq: Sequence):
         """adjust(logits, output_ids): the request's penalties, biases and masks after those outputs."""

@@ -51,7 +51,9 @@ class Row:
     ("last" for sampling, "all" for every token that ran the block, pending ones included). With
     `confidence` (and a head wanted at `depth`), the row leaves at the first exit point where the
     rule accepts the last token's logits, else at `depth`. Confidence rows, and rows with
-    `keep_states`, say in their result which of their tokens stop below L (`RowResult.pending`)."""
+    `keep_states`, say in their result which of their tokens stop below L (`RowResult.pending`).
+    `argmax_only`: the caller reads nothing of a "last" head's logits but their argmax (a greedy
+    token, nothing adjusted or recorded): they may be -inf wherever that cannot be the argmax."""
 
     tokens: list[int]
     start: int
@@ -61,6 +63,7 @@ class Row:
     confidence: ConfidenceRule | None = None
     pending: Pending | None = None
     keep_states: bool = False
+    argmax_only: bool = False
 
 
 @dataclass
@@ -156,6 +159,8 @@ class ModelRunner:
         # kernel or for architecture options it does not cover.
         self.native_blocks = decode_blocks(c, weights.layers) \
             if kv_cache is not None and kv_cache.k.dtype == torch.float32 else None
+        if hasattr(self.backend, "prepare_head") and weights.norm.bias is None:
+            self.backend.prepare_head(weights.lm_head)  # for argmax_only rows
         self.decode_graphs = None
         if getattr(self.backend, "static_decode", False) and kv_cache is not None and c.causal \
                 and weights.embed_positions is None:
@@ -255,12 +260,15 @@ class ModelRunner:
                 res = results[lv.index] = results[lv.index] or RowResult({}, layer)
                 res.states = h[lv.a:lv.b].clone()
         wanted = [lv for lv in wanted if lv.row.heads[layer] != "states"]
-        if wanted:
+        for argmax_only in (False, True):
+            group = [lv for lv in wanted if (lv.row.argmax_only and lv.row.heads[layer] == "last") == argmax_only]
+            if not group:
+                continue
             # The row's own tokens are the last ones and always running: the last is h[b - 1].
-            spans = [(lv.a if lv.row.heads[layer] == "all" else lv.b - 1, lv.b) for lv in wanted]
-            logits = self.head(torch.cat([h[a:b] for a, b in spans]))
+            spans = [(lv.a if lv.row.heads[layer] == "all" else lv.b - 1, lv.b) for lv in group]
+            logits = self.head(torch.cat([h[a:b] for a, b in spans]), argmax_only)
             offset = 0
-            for lv, (a, b) in zip(wanted, spans):
+            for lv, (a, b) in zip(group, spans):
                 res = results[lv.index] = results[lv.index] or RowResult({}, layer)
                 res.logits[layer] = logits[offset:offset + b - a]
                 offset += b - a
@@ -379,9 +387,10 @@ class ModelRunner:
         return out
 
     # ---- the shared head -----------------------------------------------------------------
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head(norm_final(h)): the one head every exit shares."""
+    def head(self, h: torch.Tensor, argmax_only: bool = False) -> torch.Tensor:
+        """lm_head(norm_final(h)): the one head every exit shares. With `argmax_only`, rows may be
+        -inf wherever the argmax cannot be (Row.argmax_only); the argmax's logit stays exact."""
         norm = self.weights.norm
         if norm.bias is None:
-            return self.backend.head(h, norm.weight, self.weights.lm_head, norm.eps)
+            return self.backend.head(h, norm.weight, self.weights.lm_head, norm.eps, argmax_only)
         return F.linear(norm(h), self.weights.lm_head)

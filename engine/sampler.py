@@ -24,8 +24,7 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
     """
     p = params
     masked = len(output_ids) < p.min_tokens and stop_ids
-    if not (masked or p.logit_bias or p.repetition_penalty != 1.0 or (
-            output_ids and (p.frequency_penalty or p.presence_penalty))):
+    if not changes_logits(p, output_ids, stop_ids):
         return logits
     logits = logits.double().clone()
     if masked:
@@ -44,6 +43,20 @@ def adjust_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: list
         counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.numel()).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
+
+
+def changes_logits(params: SamplingParams, output_ids: list[int], stop_ids: Collection[int]) -> bool:
+    """Whether adjust_logits changes anything for the next token."""
+    p = params
+    return bool((len(output_ids) < p.min_tokens and stop_ids) or p.logit_bias or p.repetition_penalty != 1.0
+                or (output_ids and (p.frequency_penalty or p.presence_penalty)))
+
+
+def reads_only_argmax(params: SamplingParams, output_ids: list[int], stop_ids: Collection[int]) -> bool:
+    """Whether drawing the next token (and recording it) reads nothing of its logits but their
+    argmax: greedy, nothing to adjust, no logprobs. Such a row may take a head that computes the
+    argmax's logit alone exactly (engine/kernels/native/screened_head.py)."""
+    return params.temperature == 0 and params.logprobs is None and not changes_logits(params, output_ids, stop_ids)
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

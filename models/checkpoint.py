@@ -189,14 +189,16 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 # An untied float32 embedding this large stays in the file (models/mapped.py): a step reads a few
-# of its rows. A tied one is the head too, read whole every step: it is loaded.
+# of its rows. So does the untied head: greedy steps read an int8 copy and a few of its rows
+# (engine/kernels/native/screened_head.py); others fault it in whole. A tied one is the head, read
+# whole by every sampled step: it is loaded.
 MAP_EMBEDDING_BYTES = 1 << 24
 
 
 def _read_data(path: Path, dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
     """Each tensor read from the file straight into its own memory, but for a large untied
-    embedding, which is mapped. (safetensors' get_tensor copies out of a memory map, so a large
-    file is resident twice until it is closed.)"""
+    embedding and head, which are mapped. (safetensors' get_tensor copies out of a memory map, so
+    a large file is resident twice until it is closed.)"""
     with path.open("rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
@@ -204,7 +206,7 @@ def _read_data(path: Path, dtypes: dict[str, str]) -> dict[str, torch.Tensor]:
         for name in dtypes:
             entry = header[name]
             begin, end = entry["data_offsets"]
-            if name == "model.embed_tokens.weight" and "lm_head.weight" in header \
+            if name in ("model.embed_tokens.weight", "lm_head.weight") and "lm_head.weight" in header \
                     and dtypes[name] == "F32" and end - begin >= MAP_EMBEDDING_BYTES:
                 tensors[name] = map_tensor(f, 8 + n + begin, entry["shape"], torch.float32)
                 continue

@@ -34,8 +34,12 @@ class Backend(Protocol):
         """proj(rms_norm(x, norm, eps)): float32 [T, K] -> [T, N]."""
         ...
 
-    def head(self, h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
-        """lm_head(rms_norm(h)) [T, vocab]; each row's numbers do not depend on the other rows."""
+    def head(self, h: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float,
+             argmax_only: bool = False) -> torch.Tensor:
+        """lm_head(rms_norm(h)) [T, vocab]; each row's numbers do not depend on the other rows.
+        `argmax_only`: the caller reads nothing but each row's argmax; a backend may then return
+        that argmax's exact logit with -inf for rows that cannot be the largest (first index on
+        ties stays the same: engine/kernels/native/head_screen.c)."""
         ...
 
     def decode_attention(self, q: torch.Tensor, cache: KVCache, tables: torch.Tensor,

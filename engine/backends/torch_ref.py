@@ -3,11 +3,14 @@ projections (the native packed kernel, or torch._int_mm without a compiler), on 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from engine.kernels import PackedWeight, TernaryLinear, native
 from engine.kernels.cpu import CpuTernaryLinear
+from engine.kernels.native.screened_head import ScreenedHead
 from engine.kv_cache import KVCache
 from models.functional import attention, causal_mask, rms_norm
 
@@ -21,6 +24,7 @@ class TorchBackend:
         if self.device.type != "cpu":
             raise ValueError(f"the torch backend runs on the CPU, not {self.device}; "
                              "use the triton backend on a GPU")
+        self._screened: tuple[torch.Tensor, ScreenedHead] | None = None  # (its head, the copy)
 
     def describe(self) -> str:
         kernel = ("native packed 2-bit projections and decode blocks" if native.library() is not None
@@ -33,10 +37,22 @@ class TorchBackend:
     def norm_project(self, proj, x, norm, eps):
         return proj(rms_norm(x, norm, eps))
 
-    def head(self, h, norm, lm_head, eps):
+    def prepare_head(self, lm_head: torch.Tensor) -> None:
+        """Build the int8 copy that argmax-only heads screen with (with the native kernel; never
+        with BITSKIP_HEAD_SCREEN=0)."""
+        lib = native.library()
+        if lib is not None and os.environ.get("BITSKIP_HEAD_SCREEN", "1") != "0" \
+                and lm_head.dtype == torch.float32 and lm_head.is_contiguous():
+            self._screened = (lm_head, ScreenedHead(lib, lm_head))
+
+    def head(self, h, norm, lm_head, eps, argmax_only=False):
         lib = native.library()  # the native product: the same sums for a row alone or in a batch
         x = rms_norm(h, norm, eps)
-        return F.linear(x, lm_head) if lib is None else native.head_matmul(lib, x, lm_head)
+        if lib is None:
+            return F.linear(x, lm_head)
+        if argmax_only and self._screened is not None and self._screened[0] is lm_head:
+            return self._screened[1](x)
+        return native.head_matmul(lib, x, lm_head)
 
     def decode_attention(self, q, cache: KVCache, tables, lengths):
         # One padded call for every row; positions past a row's length get weight exactly 0.

@@ -47,7 +47,7 @@ class TritonBackend:
             return proj(x, norm_weight=norm, eps=eps)
         return proj(rms_norm(x, norm, eps))      # wrapped projections (engine/projection.py)
 
-    def head(self, h, norm, lm_head, eps):
+    def head(self, h, norm, lm_head, eps, argmax_only=False):  # the full head either way
         return self._attn.head_matmul(rms_norm(h, norm, eps), lm_head)
 
     def decode_attention(self, q, cache: KVCache, tables, lengths):

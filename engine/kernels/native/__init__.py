@@ -1,5 +1,5 @@
 """The native CPU kernels (ternary.c: the packed projection; decode_block.c: decoder blocks for
-cached rows; head.c: the float32 head): built with the system C compiler into a cache directory the
+cached rows; head.c: the float32 head; head_screen.c: its argmax from an int8 copy): built with the system C compiler into a cache directory the
 first time it is needed (or at install time: `python -m engine.kernels.native`), loaded with
 ctypes. It is compiled against raw buffers only (no torch headers), so building it never needs
 pip or a build environment.
@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger("bitskip.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "head.c"]
+SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "head.c", HERE / "head_screen.c"]
 HEADERS = [HERE / "ternary.h", HERE / "head.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
@@ -82,6 +82,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_head.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.bitskip_head.restype = None
     lib.bitskip_head_force_portable.argtypes = [ctypes.c_int]
+    lib.bitskip_head_screen_build.argtypes = [p, i64, i64, p, p, p, p, ctypes.c_int]
+    lib.bitskip_head_screen_build.restype = ctypes.c_int
+    lib.bitskip_head_screened.argtypes = [p, i64, i64, p, p, p, p, ctypes.c_double, i64, p, ctypes.c_int]
+    lib.bitskip_head_screened.restype = i64
     return lib
 
 

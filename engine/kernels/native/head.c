@@ -90,9 +90,17 @@ static int force_portable = 0;
 
 void bitskip_head_force_portable(int on) { force_portable = on; }
 
+int bitskip_head_avx2(void) {
+#ifdef HAVE_X86
+    return !force_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
 head_rows_fn bitskip_head_rows_kernel(void) {
 #ifdef HAVE_X86
-    if (!force_portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
+    if (bitskip_head_avx2()) return rows_avx2;
 #endif
     return rows_portable;
 }

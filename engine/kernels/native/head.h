@@ -7,6 +7,8 @@
 typedef void (*head_rows_fn)(const float *x, int64_t K, const float *const *w, int n, float *out);
 
 head_rows_fn bitskip_head_rows_kernel(void);
+/* Whether that kernel is the AVX2 one (else portable C: no AVX2 or bitskip_head_force_portable). */
+int bitskip_head_avx2(void);
 /* The threads a product of M x V x K multiply-adds gets (small ones stay on one). */
 int bitskip_head_threads(int64_t M, int64_t K, int64_t V, int nthreads);
 
