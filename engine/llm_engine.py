@@ -23,7 +23,7 @@ from .perplexity import PerplexityResult, Scoring
 from .sampler import adjust_logits, reads_only_argmax, sample
 from .scheduler import Scheduler
 from .sequence import SamplingParams, Sequence
-from .speculative import MAX_DRAFT_TOKENS, Speculation, SpeculativeRule, verify_rounds
+from .speculative import MAX_DRAFT_TOKENS, Speculation, SpeculativeRule
 from .weights import ModelWeights
 
 log = logging.getLogger("bitskip.engine")
@@ -254,12 +254,11 @@ class LLMEngine:
         computed = [r for r in rows if r is not None]
         results = iter(self.runner.forward(computed) if computed else [])
         drawn = []  # (sequence, logits of its next token, exit layer)
-        rounds = []  # speculative rounds to verify
         for (seq, n), row in zip(batch, rows):
             if seq.finished:  # failed while drafting
                 continue
             if seq.speculation is not None and seq.speculation.length:
-                rounds.append((seq, next(results)))
+                outputs += self._verified(seq, next(results))
                 continue
             seq.num_computed += n
             if row is None:
@@ -285,7 +284,7 @@ class LLMEngine:
                 outputs.append(self._append_token(seq, token, logits, exit_layer))
             except Exception as e:
                 outputs.append(self._failed(seq, e))
-        return outputs + self._verified(rounds)
+        return outputs
 
     def _score_chunk(self, seq: Sequence, logits: dict[int, torch.Tensor]) -> StepOutput | None:
         """Add a scoring row's predictions (the latest chunk; without a causal mask, the whole
@@ -394,26 +393,19 @@ class LLMEngine:
                     outputs.append(self._failed(seq, e))
         return outputs
 
-    def _verified(self, rounds: list[tuple[Sequence, object]]) -> list[StepOutput]:
-        """The step's verified speculative rounds (their heads at L run together) emit their
-        tokens, each chosen by the verify's logits at L of its position."""
-        outputs, L = [], self.model_config.num_hidden_layers
-        for (seq, _), verdict in zip(rounds, verify_rounds(rounds, self._adjuster, self.runner.head)):
-            emitted = []
-            try:
-                if isinstance(verdict, Exception):
-                    raise verdict
-                for j, token in enumerate(verdict):
-                    emitted.append(self._append_token(seq, token, seq.speculation.verified[j], L))
-                    if seq.finished:
-                        break
-            except Exception as e:
-                outputs += emitted + [self._failed(seq, e)]
-                continue
-            if emitted:
-                emitted[0].speculated = seq.speculation.last_round
-            outputs += emitted
-        return outputs
+    def _verified(self, seq: Sequence, res) -> list[StepOutput]:
+        """A verified speculative round emits its tokens, each with its logits at L."""
+        emitted = []
+        try:
+            for j, token in enumerate(seq.speculation.verify(seq, res, self._adjuster(seq))):
+                emitted.append(self._append_token(seq, token, seq.speculation.verified[j], seq.exit_layer))
+                if seq.finished:
+                    break
+        except Exception as e:
+            return emitted + [self._failed(seq, e)]
+        if emitted:
+            emitted[0].speculated = seq.speculation.last_round
+        return emitted
 
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor, exit_layer: int) -> StepOutput:
         p = seq.params

@@ -30,9 +30,7 @@ from .kernels.native.block import decode_blocks
 from .kv_cache import KVCache, SequenceKV
 from .weights import LayerWeights, ModelWeights, Norm
 
-# "states": the hidden states of every token that ran the block, no head applied (a speculative
-# verify applies it to the positions it turns out to need)
-HeadRequest = Literal["last", "all", "states"]
+HeadRequest = Literal["last", "all"]
 
 
 @dataclass
@@ -52,8 +50,8 @@ class Row:
     `confidence` (and a head wanted at `depth`), the row leaves at the first exit point where the
     rule accepts the last token's logits, else at `depth`. Confidence rows, and rows with
     `keep_states`, say in their result which of their tokens stop below L (`RowResult.pending`).
-    `argmax_only`: the caller reads nothing of a "last" head's logits but their argmax (a greedy
-    token, nothing adjusted or recorded): they may be -inf wherever that cannot be the argmax."""
+    `argmax_only`: the caller reads nothing of the row's logits but each position's argmax (greedy
+    tokens, nothing adjusted or recorded): they may be -inf wherever that cannot be the argmax."""
 
     tokens: list[int]
     start: int
@@ -71,7 +69,6 @@ class RowResult:
     logits: dict[int, torch.Tensor]   # exit layer -> [1 or n, vocab]
     exit_layer: int                   # the block the row left after
     pending: Pending | None = None    # confidence and keep_states rows: tokens now stopping below L
-    states: torch.Tensor | None = None  # heads "states": [n, hidden] after the row's last block
 
 
 @dataclass
@@ -255,13 +252,8 @@ class ModelRunner:
                     results[lv.index] = RowResult({layer: row_logits[None]}, layer)
         leaving |= confident
         wanted = [lv for lv in live if layer in lv.row.heads and lv.index not in confident]
-        for lv in wanted:
-            if lv.row.heads[layer] == "states":
-                res = results[lv.index] = results[lv.index] or RowResult({}, layer)
-                res.states = h[lv.a:lv.b].clone()
-        wanted = [lv for lv in wanted if lv.row.heads[layer] != "states"]
         for argmax_only in (False, True):
-            group = [lv for lv in wanted if (lv.row.argmax_only and lv.row.heads[layer] == "last") == argmax_only]
+            group = [lv for lv in wanted if lv.row.argmax_only == argmax_only]
             if not group:
                 continue
             # The row's own tokens are the last ones and always running: the last is h[b - 1].

@@ -12,8 +12,8 @@ once per round, not once per drafted token):
   the round keeps;
 - verify, in the step's main runner call beside every other row: d_m runs blocks 1..E, and at
   block E+1 the kept states of x0..d_{m-1} join it as the runner's pending tokens, so blocks
-  E+1..L run once over the m + 1 positions; the head at L then gives the full model's
-  prediction after each of them, position by position up to the first rejection.
+  E+1..L run once over the m + 1 positions, and the head at L (one call for the step's rows)
+  gives the full model's prediction after each of them.
 
 Blocks 1..E never run twice for a token. The KV of layers 1..E does not depend on depth, so the
 draft's KV is the full model's; positions past the accepted ones (a rejected draft's KV at every
@@ -31,7 +31,7 @@ from p. Each emitted token is then distributed exactly as full-depth sampling wo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Generator
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -80,7 +80,7 @@ class Speculation:
         self.length = 0                           # drafts this round; 0 outside a round
         self.drafts: list[int] = []
         self.draft_probs: list[torch.Tensor] = []  # q of each draft (temperature > 0 only)
-        self.states: Pending | None = None        # layer-E states of x0, d1, ..
+        self.states: list[Pending] = []           # layer-E states of x0, d1, ..
 
     def plan(self, seq: Sequence, room: int) -> int:
         """For the scheduler: start a round in this step, drafting at most `room` tokens (what
@@ -106,7 +106,8 @@ class Speculation:
         token = self.drafts[-1] if m else seq.all_ids[-1]
         start = seq.num_computed + m
         if not self.drafting:
-            return Row([token], start, L, seq.kv, {L: "states"}, pending=self.states)
+            pending = Pending(torch.cat([p.hidden for p in self.states]), [d for p in self.states for d in p.depths])
+            return Row([token], start, L, seq.kv, {L: "all"}, pending=pending)
         # A draft is a plain one-token row (the decode fast paths take it); the states of the
         # earlier drafts wait here, since they join only at block E + 1.
         return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True)
@@ -124,32 +125,26 @@ class Speculation:
             q = distribution(logits, params)
             self.draft_probs.append(q)
             self.drafts.append(int(torch.multinomial(q, 1, generator=generator)))
-        self.states = result.pending if self.states is None else Pending(
-            torch.cat([self.states.hidden, result.pending.hidden]), self.states.depths + result.pending.depths)
+        self.states.append(result.pending)
         # An unsure draft is likely rejected, and so is everything drafted after it: verify now.
         if self.rule.draft_confidence > 0 and (
                 float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
             self.length = len(self.drafts)
 
     def verify(self, seq: Sequence, result: RowResult,
-               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]
-               ) -> Generator[torch.Tensor, torch.Tensor, list[int]]:
-        """Verify the round from the verify step's result (the hidden states at L after x0, d1, ..).
-        A generator: it yields the state of the next position whose logits it needs (in order,
-        up to the first rejection: the positions after it are never needed), is sent the head's
-        logits for it, and returns the tokens to emit, having moved the sequence's computed
-        length past the accepted ones. The engine runs the head for several rounds at once."""
+               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[int]:
+        """Verify the round from its verify row's result (the head at L after x0, d1, .., d_m,
+        computed in the step's one head call at L with the other rows' logits) and return the
+        tokens to emit, having moved the sequence's computed length past the accepted ones."""
+        logits = result.logits[seq.exit_layer].cpu()
+
+        def target(i: int) -> torch.Tensor:  # the full model's adjusted logits after position i
+            return adjust(logits[i], seq.output_ids + self.drafts[:i])
+
         params = seq.params
-        rule = (_accept_greedy(self.drafts) if params.temperature == 0 else
-                _accept_sampled(self.drafts, self.draft_probs, params, seq.generator))
-        self.verified = []  # the full model's logits after x0, d1, .. as far as they were needed
-        try:
-            i = next(rule)
-            while True:
-                self.verified.append((yield result.states[i:i + 1]).cpu())
-                i = rule.send(adjust(self.verified[i], seq.output_ids + self.drafts[:i]).double())
-        except StopIteration as done:
-            tokens = done.value
+        tokens = (_accept_greedy(self.drafts, target) if params.temperature == 0 else
+                  _accept_sampled(self.drafts, self.draft_probs, target, params, seq.generator))
+        self.verified = logits[:len(tokens)]  # each emitted token's logits, for its logprobs
         m = len(self.drafts)
         self.drafted += m
         self.accepted += len(tokens) - 1
@@ -159,63 +154,28 @@ class Speculation:
         return tokens
 
 
-def verify_rounds(rounds: list[tuple[Sequence, RowResult]],
-                  adjust: Callable[[Sequence], Callable[[torch.Tensor, list[int]], torch.Tensor]],
-                  head: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int] | Exception]:
-    """Verify the rounds of one step together: the head at L runs once per position for every
-    round still deciding (position 0 of each, then 1 of those that accepted their first draft,
-    ...), so it computes no logits a round does not use, in at most k + 1 calls. Returns each
-    round's tokens, or the exception that ended it (the others go on)."""
-    verdicts: list[list[int] | Exception | None] = [None] * len(rounds)
-    asking: dict[int, tuple[Generator, torch.Tensor]] = {}  # round -> (its verify, state it needs)
-
-    def send(i: int, verify: Generator, logits: torch.Tensor | None) -> None:
-        try:
-            asking[i] = (verify, verify.send(logits))
-        except StopIteration as done:
-            asking.pop(i, None)
-            verdicts[i] = done.value
-        except Exception as e:
-            asking.pop(i, None)
-            verdicts[i] = e
-
-    for i, (seq, result) in enumerate(rounds):
-        send(i, seq.speculation.verify(seq, result, adjust(seq)), None)
-    while asking:
-        waiting = list(asking.items())
-        try:
-            logits = head(torch.cat([state for _, (_, state) in waiting]))
-        except Exception as e:
-            for i in asking:
-                verdicts[i] = e
-            break
-        for (i, (verify, _)), row in zip(waiting, logits):
-            send(i, verify, row)
-    return verdicts
+# An acceptance rule takes the drafts and target(i), the full model's logits after position i
+# (asked for in order, only as far as the rule reads), and returns the round's tokens.
+Target = Callable[[int], torch.Tensor]
 
 
-# An acceptance rule: yields the position whose (adjusted) logits at L it needs next, is sent
-# them, returns the round's tokens.
-Verdict = Generator[int, torch.Tensor, list[int]]
-
-
-def _accept_greedy(drafts: list[int]) -> Verdict:
+def _accept_greedy(drafts: list[int], target: Target) -> list[int]:
     for i, d in enumerate(drafts):
-        token = int(torch.argmax((yield i)))
+        token = int(torch.argmax(target(i)))
         if d != token:
             return drafts[:i] + [token]
-    return drafts + [int(torch.argmax((yield len(drafts))))]
+    return drafts + [int(torch.argmax(target(len(drafts))))]
 
 
-def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], params,
-                    generator: torch.Generator) -> Verdict:
+def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], target: Target, params,
+                    generator: torch.Generator) -> list[int]:
     for i, (d, q) in enumerate(zip(drafts, draft_probs)):
-        p = distribution((yield i), params)
+        p = distribution(target(i), params)
         u = float(torch.rand((), generator=generator, dtype=torch.float64, device=generator.device))
         if u * float(q[d]) >= float(p[d]):  # rejected: P(accept) = min(1, p(d) / q(d))
             residual = torch.clamp(p - q, min=0.0)
             total = float(residual.sum())
             fix = residual / total if total > 0 else p
             return drafts[:i] + [int(torch.multinomial(fix, 1, generator=generator))]
-    bonus = distribution((yield len(drafts)), params)
+    bonus = distribution(target(len(drafts)), params)
     return drafts + [int(torch.multinomial(bonus, 1, generator=generator))]
