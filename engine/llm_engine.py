@@ -360,7 +360,7 @@ class LLMEngine:
             return Row(seq.all_ids, 0, depth, None, {depth: "all" if scoring else "last"},
                        None if scoring else seq.confidence)
         if seq.speculation is not None and seq.speculation.length:
-            return seq.speculation.next_row(seq)  # the round's verify
+            return seq.speculation.next_row(seq, self._stop_ids(seq))  # the round's verify
         tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
         if scoring:
             return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "all"})
@@ -386,7 +386,8 @@ class LLMEngine:
         unless a round fails."""
         outputs = []
         while seqs := [seq for seq in seqs if not seq.finished and seq.speculation.drafting]:
-            for seq, res in zip(seqs, self.runner.forward([seq.speculation.next_row(seq) for seq in seqs])):
+            rows = [seq.speculation.next_row(seq, self._stop_ids(seq)) for seq in seqs]
+            for seq, res in zip(seqs, self.runner.forward(rows)):
                 try:
                     seq.speculation.draft(seq, res, self._adjuster(seq))
                 except Exception as e:

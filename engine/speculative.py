@@ -30,13 +30,14 @@ from p. Each emitted token is then distributed exactly as full-depth sampling wo
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from .model_runner import Pending, Row, RowResult
-from .sampler import distribution
+from .sampler import distribution, reads_only_argmax
 
 if TYPE_CHECKING:
     from .sequence import Sequence
@@ -100,17 +101,26 @@ class Speculation:
         return len(self.drafts) < self.length
 
     # ---- the runner's rows -----------------------------------------------------------------
-    def next_row(self, seq: Sequence) -> Row:
-        """The runner's row for the round's next draft, or for its verify once drafting is done."""
+    def next_row(self, seq: Sequence, stop_ids: Collection[int]) -> Row:
+        """The runner's row for the round's next draft, or for its verify once drafting is done.
+        Greedy rows whose logits nothing adjusts (`stop_ids`: what min_tokens masks) read only
+        argmaxes: they take the argmax-only head."""
         m, E, L = len(self.drafts), self.rule.draft_exit_layer, seq.exit_layer
         token = self.drafts[-1] if m else seq.all_ids[-1]
         start = seq.num_computed + m
+        params, outputs = seq.params, seq.output_ids + self.drafts
         if not self.drafting:
             pending = Pending(torch.cat([p.hidden for p in self.states]), [d for p in self.states for d in p.depths])
-            return Row([token], start, L, seq.kv, {L: "all"}, pending=pending)
+            # Position i is read after outputs + drafts[:i]; what adjusts logits (min_tokens
+            # masking a short output, penalties on a non-empty one) shows at one end or the other.
+            argmax_only = (reads_only_argmax(params, seq.output_ids, stop_ids)
+                           and reads_only_argmax(params, outputs, stop_ids))
+            return Row([token], start, L, seq.kv, {L: "all"}, pending=pending, argmax_only=argmax_only)
         # A draft is a plain one-token row (the decode fast paths take it); the states of the
-        # earlier drafts wait here, since they join only at block E + 1.
-        return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True)
+        # earlier drafts wait here, since they join only at block E + 1. draft_confidence reads
+        # the draft's whole distribution.
+        return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True, argmax_only=(
+            self.rule.draft_confidence == 0 and reads_only_argmax(params, outputs, stop_ids)))
 
     def draft(self, seq: Sequence, result: RowResult,
               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:

@@ -3,6 +3,8 @@ rest of the model, alone and batched with the other policies."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -36,8 +38,16 @@ def sure(tmp_path_factory):
 def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_exit):
     engine = engine_for(sure)
     L = engine.model_config.num_hidden_layers
-    full = engine.add_request(PROMPT, GREEDY, exit_layer=L)
+    # logprobs: the full head's argmax (greedy rows that read only argmaxes screen it)
+    full = engine.add_request(PROMPT, replace(GREEDY, logprobs=0), exit_layer=L)
     run(engine)
+    forward, argmax_only = engine.runner.forward, set()  # (draft or verify, argmax-only head)
+
+    def spy(rows):
+        argmax_only.update(("draft" if r.keep_states else "verify", r.argmax_only) for r in rows
+                           if r.keep_states or r.pending is not None)
+        return forward(rows)
+    engine.runner.forward = spy
     rejected = accepted = 0
     for k, confidence in ((1, 0.0), (3, 0.0), (8, 0.0), (8, 0.9)):
         seq = engine.add_request(PROMPT, GREEDY, speculative=SpeculativeRule(draft_exit, k, confidence))
@@ -59,7 +69,31 @@ def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_ex
         if confidence:  # unsure drafts end their round early
             assert spec.drafted < k * rounds
     assert accepted and rejected, "the test needs both accepted and rejected drafts"
+    # Greedy drafts and verifies read only argmaxes, except where draft_confidence reads a draft's
+    # distribution: the argmax-only head (the full-depth reference used the full head).
+    assert argmax_only == {("draft", True), ("draft", False), ("verify", True)}
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+
+
+@pytest.mark.parametrize("processors", ["min_tokens", "penalties", "bias"])
+def test_greedy_with_logit_processors_equals_full_depth(sure, processors):
+    """Drafts and verify positions see the request's processors after the outputs and drafts
+    before them; min_tokens changes the logits early, penalties only after a first output."""
+    engine = engine_for(sure)
+    L = engine.model_config.num_hidden_layers
+    plain = engine.add_request(PROMPT, GREEDY, exit_layer=L)
+    run(engine)
+    params = replace(GREEDY, **{
+        "min_tokens": dict(min_tokens=10, stop_token_ids=(plain.output_ids[3],)),
+        "penalties": dict(frequency_penalty=0.7, presence_penalty=0.4),
+        "bias": dict(repetition_penalty=1.3, logit_bias={plain.output_ids[5]: -3.0}),
+    }[processors])
+    full = engine.add_request(PROMPT, params, exit_layer=L)
+    seqs = [engine.add_request(PROMPT, params, speculative=SpeculativeRule(e, k)) for e, k in ((1, 3), (3, 2))]
+    run(engine)
+    assert full.output_ids != plain.output_ids, "the processors change the output"
+    for seq in seqs:
+        assert seq.output_ids == full.output_ids and seq.speculation.accepted > 0
 
 
 def test_mixed_batch_gives_the_same_tokens_as_requests_alone(sure):
