@@ -105,7 +105,7 @@ def test_a_sequence_of_several_new_tokens_equals_the_general_path(tiny_v1):
         runner = ModelRunner(weights, KVCache(96, 4, c.num_key_value_heads, c.head_dim))
         calls = runner.native_blocks = Counting(runner.native_blocks) if native else None
         kv, other = SequenceKV(), SequenceKV()
-        assert runner.kv_cache.reserve(kv, L, 12) and runner.kv_cache.reserve(other, L, 4)
+        assert runner.kv_cache.reserve(kv, L, 12) and runner.kv_cache.reserve(other, L, 5)
         runner.forward([Row(prompt, 0, L, kv), Row(draft[:3], 0, L, other)])
         out = runner.forward([Row(draft, 7, L, kv, {L: "all"}), Row(draft[3:], 3, L, other, {L: "all"})])
         assert not native or calls.calls == 2  # both steps native, one call each

@@ -1,5 +1,6 @@
 """The native CPU kernels (ternary.c: the packed projection; decode_block.c: decoder blocks for
-cached rows; head.c: the float32 head; head_screen.c: its argmax from an int8 copy): built with the system C compiler into a cache directory the
+cached rows, with attention.c and team.h; head.c: the float32 head; head_screen.c: its argmax from
+an int8 copy): built with the system C compiler into a cache directory the
 first time it is needed (or at install time: `python -m engine.kernels.native`), loaded with
 ctypes. It is compiled against raw buffers only (no torch headers), so building it never needs
 pip or a build environment.
@@ -25,8 +26,9 @@ import torch
 log = logging.getLogger("bitskip.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "head.c", HERE / "head_screen.c"]
-HEADERS = [HERE / "ternary.h", HERE / "head.h"]
+SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "attention.c", HERE / "head.c",
+           HERE / "head_screen.c"]
+HEADERS = [HERE / "ternary.h", HERE / "attention.h", HERE / "team.h", HERE / "head.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
 OPENMP = ["-fopenmp"]

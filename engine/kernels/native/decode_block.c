@@ -9,6 +9,12 @@
  * activation) sum in their own order, so their float32 results agree with torch's except when a
  * value sits within a float64 rounding of a float32 boundary. The integer projections are exact.
  * Every row is computed on its own: a row's numbers do not depend on the batch.
+ *
+ * Threads (team.h) share each phase of a block: rows for the norms and quantizers, ranges of
+ * output features for the products (scaled, and added to the residual, as each range is done),
+ * (row, KV head) pairs for attention (attention.c), ranges of features for the gated activation.
+ * Each item is computed by one thread in one order, so the numbers do not depend on the thread
+ * count either.
  */
 #include <math.h>
 #include <stdint.h>
@@ -16,7 +22,12 @@
 #include <string.h>
 #include <time.h>
 
+#include "attention.h"
+#include "team.h"
 #include "ternary.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef struct {
     const uint8_t *const *parts;  /* packed rows of the fused parts (DESIGN section 3 layout) */
@@ -63,21 +74,32 @@ static void hadamard(const float *x, int64_t k, int64_t n, float *out) {
 }
 
 /* quantize_activations: s = max(max|x|, 1e-5); q = clamp(round(x * ((1 / s) * Q)), -Q, Q), torch's
- * evaluation of x * (Q / s) (a reciprocal, then a product), rounding half to even. */
-static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *q) {
-    float s = 0.0f;
+ * evaluation of x * (Q / s) (a reciprocal, then a product), rounding half to even (adding and
+ * subtracting 1.5 * 2^23 rounds a float32 below 2^22 to the nearest integer, ties to even, as
+ * nearbyintf does, and vectorizes). The codes go out in the kernel's plane order (`dst`, zeroed
+ * padding) with their sum; `tmp` holds k codes in order. */
+static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *tmp, int8_t *dst, int32_t *sum) {
+    float s = 0.0f, magic = 12582912.0f, top = (float)qmax;
     for (int64_t i = 0; i < k; i++) s = fabsf(x[i]) > s ? fabsf(x[i]) : s;
     if (!(s >= 1e-5f)) s = 1e-5f;
-    float scale = (1.0f / s) * (float)qmax;
+    float scale = (1.0f / s) * top;
     for (int64_t i = 0; i < k; i++) {
-        float r = nearbyintf(x[i] * scale);
-        q[i] = (int8_t)(r > (float)qmax ? (float)qmax : r < -(float)qmax ? -(float)qmax : r);
+        float r = (x[i] * scale + magic) - magic;
+        tmp[i] = (int8_t)(r > top ? top : r < -top ? -top : r);
     }
+    int32_t total = 0;
+    memset(dst, 0, (size_t)bitskip_ternary_stride(k));
+    for (int64_t i = 0; i < k; i++) {
+        dst[bitskip_plane_index(i)] = tmp[i];
+        total += tmp[i];
+    }
+    *sum = total;
     return s;
 }
 
 /* Optional timers (bench/profile_decode.py): seconds in the ternary products, in attention
- * (RoPE, the KV write, attending), and in whole blocks; off unless asked for. */
+ * (RoPE, the KV write, attending), and in whole blocks, as the first thread of the team sees
+ * them (waits for the others included); off unless asked for. */
 static int profiling = 0;
 static double spent[3];
 
@@ -94,20 +116,21 @@ void bitskip_decode_profile(int on, double *out) {
     profiling = on;
 }
 
-/* Buffers for one call, sized for its widest block and allocated once for all its blocks. */
+/* Buffers for one call, sized for its widest block and allocated once for all its blocks;
+ * rot, tmp, scores and qd are per thread. */
 typedef struct {
-    float *x, *y, *attn, *rot, *scales;
-    int8_t *codes;
-    int32_t *acc;
-    int64_t *slots;
-    double *scores;
-    void *ws;                     /* the ternary product's permuted activations */
+    float *x, *y, *attn, *scales, *rot;
+    int8_t *codes, *tmp;
+    int32_t *acc, *sums;
+    int64_t *slots, codes_stride, kin, max_len, group, head_dim, threads;
+    double *scores, *qd;
 } Scratch;
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-static int scratch_alloc(Scratch *s, const Block *blocks, int64_t nblocks, int64_t n, int64_t max_len) {
-    int64_t wide = 0, kin = 0, inner = 0, hidden = 0;
+static int scratch_alloc(Scratch *s, const Block *blocks, int64_t nblocks, int64_t n, int64_t max_len,
+                         int threads) {
+    int64_t wide = 0, kin = 0, inner = 0, hidden = 0, group = 1, d = 1;
     for (int64_t l = 0; l < nblocks; l++) {
         const Block *b = &blocks[l];
         const Proj *ps[4] = {&b->qkv, &b->o, &b->gate_up, &b->down};
@@ -117,156 +140,200 @@ static int scratch_alloc(Scratch *s, const Block *blocks, int64_t nblocks, int64
         }
         inner = max64(inner, max64(b->heads * b->head_dim, b->inter));
         hidden = max64(hidden, b->hidden);
+        group = max64(group, b->heads / b->kv_heads);
+        d = max64(d, b->head_dim);
     }
+    *s = (Scratch){0};
+    s->codes_stride = bitskip_ternary_stride(kin);
+    s->kin = kin, s->max_len = max_len, s->group = group, s->head_dim = d, s->threads = threads;
     s->x = malloc(sizeof(float) * (size_t)(n * hidden));
     s->y = malloc(sizeof(float) * (size_t)(n * wide));
     s->attn = malloc(sizeof(float) * (size_t)(n * inner));
-    s->rot = malloc(sizeof(float) * (size_t)kin);
     s->scales = malloc(sizeof(float) * (size_t)n);
-    s->codes = malloc((size_t)(n * kin));
+    s->rot = malloc(sizeof(float) * (size_t)(threads * kin));
+    s->codes = malloc((size_t)(n * s->codes_stride));
+    s->tmp = malloc((size_t)(threads * kin));
     s->acc = malloc(sizeof(int32_t) * (size_t)(n * wide));
-    s->slots = malloc(sizeof(int64_t) * (size_t)max_len);
-    s->scores = malloc(sizeof(double) * (size_t)max_len);
-    s->ws = malloc(bitskip_ternary_workspace(n, kin));
-    return s->x && s->y && s->attn && s->rot && s->scales && s->codes && s->acc && s->slots
-           && s->scores && s->ws ? 0 : -1;
+    s->sums = malloc(sizeof(int32_t) * (size_t)n);
+    s->slots = malloc(sizeof(int64_t) * (size_t)(n * max_len));
+    s->scores = malloc(sizeof(double) * (size_t)(threads * group * max_len));
+    s->qd = malloc(sizeof(double) * (size_t)(threads * group * d));
+    return s->x && s->y && s->attn && s->scales && s->rot && s->codes && s->tmp && s->acc && s->sums
+           && s->slots && s->scores && s->qd ? 0 : -1;
 }
 
 static void scratch_free(Scratch *s) {
-    void *all[] = {s->x, s->y, s->attn, s->rot, s->scales, s->codes, s->acc, s->slots, s->scores, s->ws};
+    void *all[] = {s->x, s->y, s->attn, s->scales, s->rot, s->codes, s->tmp, s->acc, s->sums,
+                   s->slots, s->scores, s->qd};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
 }
 
-/* One projection of n rows x [n, k] (already normed) into y: acc * (s / Q) * gamma. */
-static void project(const Proj *p, const float *x, int64_t n, int64_t k, float *y, Scratch *s,
-                    int nthreads) {
-    int64_t kin = p->in_features, nout = p->out_features;
-    for (int64_t r = 0; r < n; r++) {
-        const float *xr = x + r * k;
-        if (p->hadamard) {
-            hadamard(xr, k, kin, s->rot);
-            xr = s->rot;
-        }
-        s->scales[r] = quantize(xr, kin, p->qmax, s->codes + r * kin);
+/* Row r of x [.., k] (already normed) quantized for p: codes, their sum and the row's scale. */
+static void prepare(const Proj *p, const float *x, int64_t k, int64_t r, Scratch *s, const Member *m) {
+    const float *xr = x + r * k;
+    if (p->hadamard) {
+        float *rot = s->rot + m->id * s->kin;
+        hadamard(xr, k, p->in_features, rot);
+        xr = rot;
     }
-    double t0 = profiling ? now() : 0.0;
-    bitskip_ternary_gemm_ws(s->codes, n, kin, kin, p->parts, p->part_rows, (int)p->nparts, s->acc,
-                            nout, nthreads, s->ws);
-    if (profiling) spent[0] += now() - t0;
-    for (int64_t r = 0; r < n; r++) {
-        float f = s->scales[r] / (float)p->qmax;
-        for (int64_t j = 0; j < nout; j++) y[r * nout + j] = (float)s->acc[r * nout + j] * f * p->gamma[j];
-    }
+    s->scales[r] = quantize(xr, p->in_features, p->qmax, s->tmp + m->id * s->kin,
+                            s->codes + r * bitskip_ternary_stride(p->in_features), &s->sums[r]);
 }
 
-/* apply_rope, rotate-half: x * cos + rotate_half(x) * sin. */
-static void rope(float *x, int64_t heads, int64_t d, const float *cos, const float *sin) {
-    int64_t half = d / 2;
-    float tmp[d];
-    for (int64_t hh = 0; hh < heads; hh++) {
-        float *v = x + hh * d;
-        for (int64_t i = 0; i < d; i++) {
-            float rot = i < half ? -v[i + half] : v[i - half];
-            tmp[i] = v[i] * cos[i] + rot * sin[i];
-        }
-        memcpy(v, tmp, sizeof(float) * (size_t)d);
+/* The rows of x [n, k], through `norm` (when given) into `normed`, quantized for p. */
+static void normed_codes(const Proj *p, const float *x, const float *norm, int64_t k, double eps,
+                         float *normed, int64_t n, Scratch *s, Member *m) {
+    team_phase(m, n);
+    for (int64_t r = team_claim(m); r >= 0; team_done(m), r = team_claim(m)) {
+        if (norm) rms_norm(x + r * k, norm, k, eps, normed + r * k);
+        prepare(p, norm ? normed : x, k, r, s, m);
     }
+    team_wait(m);
 }
 
-/* One row's query [heads, d] over its cached positions 0..len-1 (slots[t]), in float64. */
-static void attend(const Block *b, const float *q, const int64_t *slots, int64_t len,
-                   const float *cache_k, const float *cache_v, double *scores, float *out) {
-    int64_t d = b->head_dim, hkv = b->kv_heads, group = b->heads / hkv;
-    double scale = pow((double)d, -0.5);
-    for (int64_t hq = 0; hq < b->heads; hq++) {
-        int64_t g = hq / group;
-        const float *qh = q + hq * d;
-        double mx = -INFINITY;
-        for (int64_t t = 0; t < len; t++) {
-            const float *kt = cache_k + (slots[t] * hkv + g) * d;
-            double dot = 0.0;
-            for (int64_t i = 0; i < d; i++) dot += (double)qh[i] * (double)kt[i];
-            scores[t] = dot * scale;
-            mx = scores[t] > mx ? scores[t] : mx;
+/* The prepared rows times p's weights, ranges of output features handed out to the team, each
+ * range scaled as it is done: y[r, j] = acc * (s / Q) * gamma[j], or with `residual` added to it:
+ * y[r, j] = y[r, j] + acc * (s / Q) * gamma[j]. */
+static void product(const Proj *p, int64_t n, float *y, int64_t ldy, int residual, Scratch *s, Member *m) {
+    /* About eight ranges a thread: few claims, and a late thread's share is taken by the others. */
+    int64_t N = p->out_features, per = 8 * s->threads;
+    int64_t chunk = ((N + per - 1) / per + 15) / 16 * 16, items = (N + chunk - 1) / chunk;
+    TernaryWeights w = {p->parts, p->part_rows, (int)p->nparts, p->in_features};
+    TernaryActs x = {s->codes, s->sums, n, bitskip_ternary_stride(p->in_features)};
+    double t0 = profiling && m->id == 0 ? now() : 0.0;
+    team_phase(m, items);
+    for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
+        int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
+        bitskip_ternary_rows(&x, &w, n0, n1, s->acc, N);
+        for (int64_t r = 0; r < n; r++) {
+            float f = s->scales[r] / (float)p->qmax, *yr = y + r * ldy;
+            const int32_t *acc = s->acc + r * N;
+            for (int64_t j = n0; j < n1; j++) {
+                float v = (float)acc[j] * f * p->gamma[j];
+                yr[j] = residual ? yr[j] + v : v;
+            }
         }
-        double sum = 0.0;
-        for (int64_t t = 0; t < len; t++) {
-            scores[t] = exp(scores[t] - mx);
-            sum += scores[t];
-        }
-        double acc[d];
-        for (int64_t i = 0; i < d; i++) acc[i] = 0.0;
-        for (int64_t t = 0; t < len; t++) {
-            double p = scores[t] / sum;
-            const float *vt = cache_v + (slots[t] * hkv + g) * d;
-            for (int64_t i = 0; i < d; i++) acc[i] += p * (double)vt[i];
-        }
-        for (int64_t i = 0; i < d; i++) out[hq * d + i] = (float)acc[i];
     }
+    team_wait(m);
+    if (profiling && m->id == 0) spent[0] += now() - t0;
 }
 
-/* One block over the rows (see bitskip_decode_blocks), `tables` this block's [n, width]. */
-static void block(const Block *b, float *h, int64_t n, const int64_t *positions, const int64_t *tables,
-                  int64_t width, int64_t block_size, float *cache_k, float *cache_v,
-                  const float *rope_cos, const float *rope_sin, Scratch *s, int nthreads) {
-    int64_t H = b->hidden, d = b->head_dim, qs = b->heads * d, kvs = b->kv_heads * d, F = b->inter;
-    float *x = s->x, *y = s->y, *attn = s->attn;
-    for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->input_norm, H, b->eps, x + r * H);
-    project(&b->qkv, x, n, H, y, s, nthreads);
-    int64_t nq = b->qkv.out_features;
-    double t0 = profiling ? now() : 0.0;
-    /* In row order: a row's key and value are in the cache before it attends, so rows that are
-     * consecutive tokens of one sequence (a verified draft, a prompt chunk) see their
-     * predecessors, and never a later one (each attends to its own position and before). */
-    for (int64_t r = 0; r < n; r++) {
-        float *q = y + r * nq, *k = q + qs, *v = k + kvs;
-        int64_t pos = positions[r], len = pos + 1;
-        rope(q, b->heads, d, rope_cos + pos * d, rope_sin + pos * d);
-        rope(k, b->kv_heads, d, rope_cos + pos * d, rope_sin + pos * d);
-        for (int64_t t = 0; t < len; t++)
-            s->slots[t] = tables[r * width + t / block_size] * block_size + t % block_size;
-        memcpy(cache_k + s->slots[pos] * kvs, k, sizeof(float) * (size_t)kvs);
-        memcpy(cache_v + s->slots[pos] * kvs, v, sizeof(float) * (size_t)kvs);
-        attend(b, q, s->slots, len, cache_k, cache_v, s->scores, attn + r * qs);
-        if (b->attn_sub_norm) rms_norm(attn + r * qs, b->attn_sub_norm, qs, b->eps, attn + r * qs);
+/* RoPE, the KV write and attention (see bitskip_decode_blocks for the rows' order). */
+static void attention(const Block *b, int64_t n, const int64_t *positions, const int64_t *tables,
+                      int64_t width, int64_t block_size, float *cache_k, float *cache_v,
+                      const float *rope_cos, const float *rope_sin, Scratch *s, Member *m) {
+    int64_t d = b->head_dim, qs = b->heads * d, kvs = b->kv_heads * d, nq = b->qkv.out_features;
+    double t0 = profiling && m->id == 0 ? now() : 0.0;
+    team_phase(m, n);
+    for (int64_t r = team_claim(m); r >= 0; team_done(m), r = team_claim(m)) {
+        float *q = s->y + r * nq, *k = q + qs, *v = k + kvs;
+        int64_t pos = positions[r], *slots = s->slots + r * s->max_len;
+        bitskip_rope(q, b->heads, d, rope_cos + pos * d, rope_sin + pos * d);
+        bitskip_rope(k, b->kv_heads, d, rope_cos + pos * d, rope_sin + pos * d);
+        for (int64_t t = 0; t <= pos; t++)
+            slots[t] = tables[r * width + t / block_size] * block_size + t % block_size;
+        memcpy(cache_k + slots[pos] * kvs, k, sizeof(float) * (size_t)kvs);
+        memcpy(cache_v + slots[pos] * kvs, v, sizeof(float) * (size_t)kvs);
     }
-    if (profiling) spent[1] += now() - t0;
-    project(&b->o, attn, n, qs, y, s, nthreads);
-    for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
+    team_wait(m);
+    /* Every row's key and value are in the cache now; a row attends to its own position and
+     * before, so rows that are consecutive tokens of one sequence see their predecessors and
+     * never a later one. */
+    int64_t group = b->heads / b->kv_heads, pairs = n * b->kv_heads;
+    double *scores = s->scores + m->id * s->group * s->max_len, *qd = s->qd + m->id * s->group * s->head_dim;
+    team_phase(m, pairs);
+    for (int64_t i = team_claim(m); i >= 0; team_done(m), i = team_claim(m)) {
+        int64_t r = i / b->kv_heads, g = i % b->kv_heads;
+        bitskip_attend_group(s->y + r * nq, g, group, b->kv_heads, d, s->slots + r * s->max_len,
+                             positions[r] + 1, cache_k, cache_v, scores, qd, s->attn + r * qs);
+    }
+    team_wait(m);
+    if (profiling && m->id == 0) spent[1] += now() - t0;
+}
 
-    for (int64_t r = 0; r < n; r++) rms_norm(h + r * H, b->post_norm, H, b->eps, x + r * H);
-    project(&b->gate_up, x, n, H, y, s, nthreads);
-    for (int64_t r = 0; r < n; r++) {
-        const float *g = y + r * 2 * F, *u = g + F;
-        float *a = attn + r * F;
-        for (int64_t i = 0; i < F; i++) {
+/* act(gate) * up in float64, rounded once, in ranges of features handed out to the team. */
+static void gated(const Block *b, int64_t n, Scratch *s, Member *m) {
+    enum { SPAN = 512 };
+    int64_t F = b->inter, spans = (F + SPAN - 1) / SPAN, items = n * spans;
+    team_phase(m, items);
+    for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
+        int64_t r = c / spans, i0 = c % spans * SPAN, i1 = i0 + SPAN < F ? i0 + SPAN : F;
+        const float *g = s->y + r * 2 * F, *u = g + F;
+        float *a = s->attn + r * F;
+        for (int64_t i = i0; i < i1; i++) {
             double gd = g[i], act = b->relu2 ? (gd > 0.0 ? gd : 0.0) * (gd > 0.0 ? gd : 0.0)
                                              : gd / (1.0 + exp(-gd));
             a[i] = (float)(act * (double)u[i]);
         }
-        if (b->ffn_sub_norm) rms_norm(a, b->ffn_sub_norm, F, b->eps, a);
     }
-    project(&b->down, attn, n, F, y, s, nthreads);
-    for (int64_t i = 0; i < n * H; i++) h[i] = h[i] + y[i];
+    team_wait(m);
+}
+
+/* One block over the rows (see bitskip_decode_blocks), `tables` this block's [n, width], run by
+ * every member of the team. */
+static void block(const Block *b, float *h, int64_t n, const int64_t *positions, const int64_t *tables,
+                  int64_t width, int64_t block_size, float *cache_k, float *cache_v,
+                  const float *rope_cos, const float *rope_sin, Scratch *s, Member *m) {
+    int64_t H = b->hidden, qs = b->heads * b->head_dim, F = b->inter;
+    normed_codes(&b->qkv, h, b->input_norm, H, b->eps, s->x, n, s, m);
+    product(&b->qkv, n, s->y, b->qkv.out_features, 0, s, m);
+    attention(b, n, positions, tables, width, block_size, cache_k, cache_v, rope_cos, rope_sin, s, m);
+    normed_codes(&b->o, s->attn, b->attn_sub_norm, qs, b->eps, s->attn, n, s, m);
+    product(&b->o, n, h, H, 1, s, m);
+
+    normed_codes(&b->gate_up, h, b->post_norm, H, b->eps, s->x, n, s, m);
+    product(&b->gate_up, n, s->y, 2 * F, 0, s, m);
+    gated(b, n, s, m);
+    normed_codes(&b->down, s->attn, b->ffn_sub_norm, F, b->eps, s->attn, n, s, m);
+    product(&b->down, n, h, H, 1, s, m);
+}
+
+/* Below this many multiply-adds per block a call runs on one thread: the phases' hand-offs
+ * (eleven a block) and waking a second thread cost more than it saves. */
+#define PARALLEL_WORK (1 << 20)
+
+static int team_size(const Block *blocks, int64_t nblocks, int64_t n, const int64_t *positions,
+                     int nthreads) {
+    const Block *b = &blocks[0];
+    int64_t len = 0;
+    for (int64_t r = 0; r < n; r++) len += positions[r] + 1;
+    double work = (double)n * (double)(b->qkv.out_features * b->qkv.in_features
+                                       + b->o.out_features * b->o.in_features
+                                       + b->gate_up.out_features * b->gate_up.in_features
+                                       + b->down.out_features * b->down.in_features)
+                  + 2.0 * (double)len * (double)(b->heads * b->head_dim);
+    return nblocks > 0 && work >= PARALLEL_WORK && nthreads > 1 ? nthreads : 1;
 }
 
 /* Blocks blocks[0..nblocks-1] in turn over h [n, hidden] (updated in place): rows whose token
  * sits at positions[r] (rows of one sequence consecutive and in position order), each block's
  * cache blocks in tables [nblocks, n, width] (block_size positions each), RoPE tables
- * [positions, head_dim]. One call for many blocks: the scratch is allocated once.
- * Returns 0, or -1 when scratch memory cannot be had. */
+ * [positions, head_dim]. One call for many blocks: the scratch is allocated and the threads
+ * started once. Returns 0, or -1 when scratch memory cannot be had. */
 int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_t n,
                           const int64_t *positions, const int64_t *tables, int64_t width,
                           int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
                           const float *rope_sin, int nthreads) {
     Scratch s;
-    int rc = scratch_alloc(&s, blocks, nblocks, n, width * block_size);
+    Team team;
+    int size = team_size(blocks, nblocks, n, positions, nthreads);
+    if (scratch_alloc(&s, blocks, nblocks, n, width * block_size, size) != 0) {
+        scratch_free(&s);
+        return -1;
+    }
+    team_init(&team);
     double t0 = profiling ? now() : 0.0;
-    if (rc == 0)
+#pragma omp parallel num_threads(size) if (size > 1)
+    {
+        Member m = {&team, 0, 0, 0};
+#ifdef _OPENMP
+        m.id = omp_get_thread_num();
+#endif
         for (int64_t l = 0; l < nblocks; l++)
             block(&blocks[l], h, n, positions, tables + l * n * width, width, block_size, cache_k,
-                  cache_v, rope_cos, rope_sin, &s, nthreads);
+                  cache_v, rope_cos, rope_sin, &s, &m);
+    }
     if (profiling) spent[2] += now() - t0;
     scratch_free(&s);
-    return rc;
+    return 0;
 }

@@ -11,13 +11,16 @@
  * 2 * 2 * 128 = 512 in magnitude, a group's four planes at most 2048, so eight groups fit an int16
  * lane before vpmaddwd widens them to int32. Everything is integer: the result is exact.
  *
+ * At M = 1 a pass runs NR weight rows side by side, so every activation load serves NR rows.
+ *
  * Threads split the output rows (OpenMP; in a process that imported torch first this is torch's
  * own libgomp, same soname, so both share one pool and never spin against each other). Built by
- * engine/kernels/native_build.py. CPUs without AVX2 take the portable loop.
+ * engine/kernels/native/__init__.py. CPUs without AVX2 take the portable loop.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "ternary.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -30,58 +33,45 @@
 #define GROUP_BYTES 32
 #define FLUSH_GROUPS 8   /* groups summed in int16 before widening to int32 */
 #define MR 4             /* activation rows per pass over a weight row */
-#define NC 16            /* output rows per task: their packed rows stay in L1 across passes */
+#define NR 4             /* weight rows per pass at one activation row: they share its loads */
+/* Each weight load asks for the bytes this far ahead: the next pass's rows (NR rows of 512 bytes
+ * at K = 2048). Passes read NR rows side by side, which the hardware prefetcher follows poorly:
+ * without this, a block's products at M = 1 ran at half the memory's speed. */
+#define PREFETCH 2048
+#define NC 16            /* output rows per tile: their packed rows stay in L1 across passes */
 /* Below this a call runs on one thread: waking another costs more, and on a busy machine the
  * woken thread may wait for a time slice while the region waits for it (~100-200 us of work). */
 #define PARALLEL_MACS (1 << 21)
 
+/* A pass: nr weight rows against mr activation rows (rows m0..m0+mr-1). */
 typedef struct {
-    const uint8_t *const *parts;  /* each part's packed rows, [part_rows[p], K / 4] */
-    const int64_t *part_rows;
-    int nparts;
-    int64_t row_bytes;            /* K / 4 */
-    int64_t groups;               /* ceil(K / 128) */
-    int64_t full_groups;          /* K / 128 */
-} Weights;
+    const uint8_t *row[NR];
+    const uint8_t *tail[NR];      /* each row's last, partial group, zero-padded (or NULL) */
+    int64_t full_groups, groups;
+} Pass;
 
-typedef struct {
-    const int8_t *a;              /* permuted, zero-padded activations [M, groups * 128] */
-    const int32_t *sum;           /* sum of each activation row */
-    int64_t stride;
-} Acts;
+typedef void (*pass_fn)(const Pass *, const TernaryActs *, int64_t, int, int, int32_t *, int64_t, int64_t);
 
-static const uint8_t *weight_row(const Weights *w, int64_t n) {
-    for (int p = 0; p < w->nparts; p++) {
-        if (n < w->part_rows[p]) return w->parts[p] + n * w->row_bytes;
-        n -= w->part_rows[p];
-    }
-    return NULL;
-}
-
-/* Group g of a row: in place, or (the partial last group) copied into a zeroed buffer. */
-static const uint8_t *group_bytes(const Weights *w, const uint8_t *row, int64_t g, uint8_t *tail) {
-    if (g < w->full_groups) return row + g * GROUP_BYTES;
-    memset(tail, 0, GROUP_BYTES);
-    memcpy(tail, row + g * GROUP_BYTES, (size_t)(w->row_bytes - g * GROUP_BYTES));
-    return tail;
+/* Group g of weight row j of a pass. */
+static inline const uint8_t *pass_group(const Pass *p, int j, int64_t g) {
+    return g < p->full_groups ? p->row[j] + g * GROUP_BYTES : p->tail[j];
 }
 
 /* The portable path: the same planes, one code at a time. */
-static void dot_rows_portable(const Weights *w, const uint8_t *row, const Acts *x, int64_t m0, int mr,
-                              int32_t *out, int64_t ldo, int64_t n) {
-    uint8_t tail[GROUP_BYTES];
-    for (int i = 0; i < mr; i++) {
-        const int8_t *a = x->a + (m0 + i) * x->stride;
-        int32_t acc = 0;
-        for (int64_t g = 0; g < w->groups; g++) {
-            const uint8_t *wb = group_bytes(w, row, g, tail);
-            const int8_t *ag = a + g * GROUP;
-            for (int b = 0; b < GROUP_BYTES; b++)
-                for (int j = 0; j < 4; j++)
-                    acc += ((wb[b] >> (2 * j)) & 3) * ag[32 * j + b];
+static void pass_portable(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int nr,
+                          int32_t *out, int64_t ldo, int64_t n) {
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mr; i++) {
+            const int8_t *a = x->a + (m0 + i) * x->stride;
+            int32_t acc = 0;
+            for (int64_t g = 0; g < p->groups; g++) {
+                const uint8_t *wb = pass_group(p, j, g);
+                const int8_t *ag = a + g * GROUP;
+                for (int b = 0; b < GROUP_BYTES; b++)
+                    for (int q = 0; q < 4; q++) acc += ((wb[b] >> (2 * q)) & 3) * ag[32 * q + b];
+            }
+            out[(m0 + i) * ldo + n + j] = acc - x->sum[m0 + i];
         }
-        out[(m0 + i) * ldo + n] = acc - x->sum[m0 + i];
-    }
 }
 
 #ifdef HAVE_X86
@@ -92,83 +82,131 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* One weight row against `mr` activation rows (mr is a constant at each call site, so the
- * accumulators live in registers). */
+/* mr and nr are constants at each call site (mr * nr <= 4), so the accumulators live in
+ * registers: each weight row is unpacked once for its mr activation rows, each activation load
+ * serves nr weight rows. */
 __attribute__((target("avx2"), always_inline)) static inline void
-dot_rows_avx2_n(const Weights *w, const uint8_t *row, const Acts *x, int64_t m0, const int mr,
-                int32_t *out, int64_t ldo, int64_t n) {
+pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, const int nr,
+            int32_t *out, int64_t ldo, int64_t n) {
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[MR], part[MR];
-    uint8_t tail[GROUP_BYTES];
-    for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_si256();
-    for (int64_t g0 = 0; g0 < w->groups; g0 += FLUSH_GROUPS) {
-        int64_t g1 = g0 + FLUSH_GROUPS < w->groups ? g0 + FLUSH_GROUPS : w->groups;
-        for (int i = 0; i < mr; i++) part[i] = _mm256_setzero_si256();
+    __m256i acc[MR][NR], part[MR][NR];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_si256();
+    for (int64_t g0 = 0; g0 < p->groups; g0 += FLUSH_GROUPS) {
+        int64_t g1 = g0 + FLUSH_GROUPS < p->groups ? g0 + FLUSH_GROUPS : p->groups;
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) part[i][j] = _mm256_setzero_si256();
         for (int64_t g = g0; g < g1; g++) {
-            __m256i wv = _mm256_loadu_si256((const __m256i *)group_bytes(w, row, g, tail));
-            __m256i p0 = _mm256_and_si256(wv, three);
-            __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
-            __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
-            __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
-            for (int i = 0; i < mr; i++) {
-                const int8_t *a = x->a + (m0 + i) * x->stride + g * GROUP;
-                __m256i s0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
-                __m256i s1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
-                __m256i s2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
-                __m256i s3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
-                part[i] = _mm256_add_epi16(part[i], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
-                                                                     _mm256_add_epi16(s2, s3)));
+            __m256i a[MR][4];
+            for (int i = 0; i < mr; i++)
+                for (int q = 0; q < 4; q++)
+                    a[i][q] = _mm256_loadu_si256((const __m256i *)(x->a + (m0 + i) * x->stride + g * GROUP + 32 * q));
+            for (int j = 0; j < nr; j++) {
+                _mm_prefetch((const char *)pass_group(p, j, g) + PREFETCH, _MM_HINT_T0);
+                __m256i wv = _mm256_loadu_si256((const __m256i *)pass_group(p, j, g));
+                __m256i p0 = _mm256_and_si256(wv, three);
+                __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
+                __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
+                __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
+                for (int i = 0; i < mr; i++) {
+                    __m256i s0 = _mm256_maddubs_epi16(p0, a[i][0]), s1 = _mm256_maddubs_epi16(p1, a[i][1]);
+                    __m256i s2 = _mm256_maddubs_epi16(p2, a[i][2]), s3 = _mm256_maddubs_epi16(p3, a[i][3]);
+                    part[i][j] = _mm256_add_epi16(part[i][j], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
+                                                                               _mm256_add_epi16(s2, s3)));
+                }
             }
         }
-        for (int i = 0; i < mr; i++) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(part[i][j], ones));
     }
-    for (int i = 0; i < mr; i++) out[(m0 + i) * ldo + n] = hsum_epi32(acc[i]) - x->sum[m0 + i];
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) out[(m0 + i) * ldo + n + j] = hsum_epi32(acc[i][j]) - x->sum[m0 + i];
 }
 
 __attribute__((target("avx2"))) static void
-dot_rows_avx2(const Weights *w, const uint8_t *row, const Acts *x, int64_t m0, int mr,
-              int32_t *out, int64_t ldo, int64_t n) {
-    switch (mr) {
-    case 4: dot_rows_avx2_n(w, row, x, m0, 4, out, ldo, n); break;
-    case 3: dot_rows_avx2_n(w, row, x, m0, 3, out, ldo, n); break;
-    case 2: dot_rows_avx2_n(w, row, x, m0, 2, out, ldo, n); break;
-    default: dot_rows_avx2_n(w, row, x, m0, 1, out, ldo, n); break;
+pass_avx2(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int nr, int32_t *out, int64_t ldo,
+          int64_t n) {
+    if (mr == 1 && nr == 4) pass_avx2_n(p, x, m0, 1, 4, out, ldo, n);
+    else if (mr == 2 && nr == 2) pass_avx2_n(p, x, m0, 2, 2, out, ldo, n);
+    else if (nr == 1 && mr == 4) pass_avx2_n(p, x, m0, 4, 1, out, ldo, n);
+    else if (nr == 1 && mr == 3) pass_avx2_n(p, x, m0, 3, 1, out, ldo, n);
+    else if (nr == 1 && mr == 2) pass_avx2_n(p, x, m0, 2, 1, out, ldo, n);
+    else if (nr == 1 && mr == 1) pass_avx2_n(p, x, m0, 1, 1, out, ldo, n);
+    else for (int j = 0; j < nr; j++) {  /* shapes without their own pass: one row at a time */
+        Pass one = {{p->row[j]}, {p->tail[j]}, p->full_groups, p->groups};
+        pass_avx2(&one, x, m0, mr, 1, out, ldo, n + j);
     }
 }
 #endif
 
-typedef void (*dot_rows_fn)(const Weights *, const uint8_t *, const Acts *, int64_t, int, int32_t *,
-                            int64_t, int64_t);
-
 static int force_portable = 0;
 
-static dot_rows_fn pick_kernel(void) {
+static pass_fn pick_kernel(void) {
 #ifdef HAVE_X86
-    if (!force_portable && __builtin_cpu_supports("avx2")) return dot_rows_avx2;
+    if (!force_portable && __builtin_cpu_supports("avx2")) return pass_avx2;
 #endif
-    return dot_rows_portable;
+    return pass_portable;
 }
 
-int bitskip_has_avx2(void) { return pick_kernel() != dot_rows_portable; }
+int bitskip_has_avx2(void) { return pick_kernel() != pass_portable; }
 
 /* Tests run the portable loop on an AVX2 machine too. */
 void bitskip_force_portable(int on) { force_portable = on; }
 
+static const uint8_t *weight_row(const TernaryWeights *w, int64_t n) {
+    for (int p = 0; p < w->nparts; p++) {
+        if (n < w->part_rows[p]) return w->parts[p] + n * (w->K / 4);
+        n -= w->part_rows[p];
+    }
+    return NULL;
+}
+
+void bitskip_ternary_rows(const TernaryActs *x, const TernaryWeights *w, int64_t n0, int64_t n1,
+                          int32_t *out, int64_t ldo) {
+    pass_fn pass = pick_kernel();
+    int64_t row_bytes = w->K / 4, full = w->K / GROUP, tail_bytes = row_bytes - full * GROUP_BYTES;
+    uint8_t tails[NC][GROUP_BYTES];
+    Pass p = {{0}, {0}, full, tail_bytes > 0 ? full + 1 : full};
+    for (int64_t t0 = n0; t0 < n1; t0 += NC) {
+        int64_t t1 = t0 + NC < n1 ? t0 + NC : n1;
+        const uint8_t *rows[NC], *tail[NC];
+        for (int64_t n = t0; n < t1; n++) {
+            rows[n - t0] = weight_row(w, n);
+            tail[n - t0] = NULL;
+            if (tail_bytes > 0) {
+                memset(tails[n - t0], 0, GROUP_BYTES);
+                memcpy(tails[n - t0], rows[n - t0] + full * GROUP_BYTES, (size_t)tail_bytes);
+                tail[n - t0] = tails[n - t0];
+            }
+        }
+        for (int64_t m0 = 0; m0 < x->M; m0 += MR) {
+            int mr = x->M - m0 < MR ? (int)(x->M - m0) : MR;
+            int step = mr == 1 ? NR : mr == 2 ? 2 : 1;  /* mr * nr <= 4 accumulators */
+            for (int64_t n = t0; n < t1; n += step) {
+                int nr = t1 - n < step ? (int)(t1 - n) : step;
+                for (int j = 0; j < nr; j++) {
+                    p.row[j] = rows[n - t0 + j];
+                    p.tail[j] = tail[n - t0 + j];
+                }
+                pass(&p, x, m0, mr, nr, out, ldo, n);
+            }
+        }
+    }
+}
+
 /* Permute a row's activations into plane order (zero-padding the last group) and sum them. */
-static int32_t permute_row(const int8_t *a, int64_t K, int8_t *dst, int64_t groups) {
+static int32_t permute_row(const int8_t *a, int64_t K, int8_t *dst) {
     int32_t sum = 0;
-    memset(dst, 0, (size_t)(groups * GROUP));
+    memset(dst, 0, (size_t)bitskip_ternary_stride(K));
     for (int64_t k = 0; k < K; k++) {
-        int64_t g = k / GROUP, r = k % GROUP;
-        dst[g * GROUP + 32 * (r % 4) + r / 4] = a[k];
+        dst[bitskip_plane_index(k)] = a[k];
         sum += a[k];
     }
     return sum;
 }
 
 size_t bitskip_ternary_workspace(int64_t M, int64_t K) {
-    int64_t stride = (K + GROUP - 1) / GROUP * GROUP;
-    return (size_t)(M * stride) + 32 + sizeof(int32_t) * (size_t)(M > 0 ? M : 1);
+    return (size_t)(M * bitskip_ternary_stride(K)) + 32 + sizeof(int32_t) * (size_t)(M > 0 ? M : 1);
 }
 
 /* bitskip_ternary_gemm with its scratch given: `ws` of bitskip_ternary_workspace(M, K) bytes,
@@ -176,25 +214,18 @@ size_t bitskip_ternary_workspace(int64_t M, int64_t K) {
 void bitskip_ternary_gemm_ws(const int8_t *a, int64_t M, int64_t K, int64_t lda,
                              const uint8_t *const *parts, const int64_t *part_rows, int nparts,
                              int32_t *out, int64_t ldo, int nthreads, void *ws) {
-    Weights w = {parts, part_rows, nparts, K / 4, (K + GROUP - 1) / GROUP, K / GROUP};
-    int64_t N = 0;
+    TernaryWeights w = {parts, part_rows, nparts, K};
+    int64_t N = 0, stride = bitskip_ternary_stride(K);
     for (int p = 0; p < nparts; p++) N += part_rows[p];
-    int64_t stride = w.groups * GROUP;
     int32_t *sum = ws;
     int8_t *ap = (int8_t *)(sum + (M > 0 ? M : 1));
-    for (int64_t m = 0; m < M; m++) sum[m] = permute_row(a + m * lda, K, ap + m * stride, w.groups);
-    Acts x = {ap, sum, stride};
-    dot_rows_fn dot = pick_kernel();
+    for (int64_t m = 0; m < M; m++) sum[m] = permute_row(a + m * lda, K, ap + m * stride);
+    TernaryActs x = {ap, sum, M, stride};
     int64_t tasks = (N + NC - 1) / NC;
     if ((double)M * (double)N * (double)K < PARALLEL_MACS) nthreads = 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
-    for (int64_t t = 0; t < tasks; t++) {
-        int64_t n0 = t * NC, n1 = n0 + NC < N ? n0 + NC : N;
-        for (int64_t m0 = 0; m0 < M; m0 += MR) {
-            int mr = M - m0 < MR ? (int)(M - m0) : MR;
-            for (int64_t n = n0; n < n1; n++) dot(&w, weight_row(&w, n), &x, m0, mr, out, ldo, n);
-        }
-    }
+    for (int64_t t = 0; t < tasks; t++)
+        bitskip_ternary_rows(&x, &w, t * NC, t * NC + NC < N ? t * NC + NC : N, out, ldo);
 }
 
 /* out[m, n] = sum_k a[m, k] * t[n, k] for the ternary t of the concatenated parts' rows.

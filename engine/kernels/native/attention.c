@@ -1,0 +1,126 @@
+/* RoPE and grouped-query attention for the native decoder block, in models/functional.py's
+ * arithmetic: float32 RoPE (the same products and sum as apply_rope), attention in float64 rounded
+ * once to float32 (scores scaled by d^-0.5, softmax with the max subtracted, weighted sum of the
+ * values).
+ *
+ * A (row, KV head) pair is the unit of work: the group's query heads share each key and value
+ * load, and a pair's numbers depend on nothing else (not the batch, not the thread that runs
+ * it). Sums run in one fixed order per head dimension d: a score is four float64 vector partial
+ * sums over d (chunk c of four lanes into sum c % 4), combined ((s0 + s1) + (s2 + s3)), then lanes
+ * (l0 + l2) + (l1 + l3), then the d % 4 leftovers in order; the weighted values sum over positions
+ * in order for each lane. The vector type is GCC's, so the AVX2 build and the portable one do
+ * the same IEEE operations in the same order: identical results.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "attention.h"
+
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+void bitskip_rope(float *x, int64_t heads, int64_t d, const float *cos, const float *sin) {
+    int64_t half = d / 2;
+    for (int64_t hh = 0; hh < heads; hh++) {
+        float *v = x + hh * d, tmp[d];
+        for (int64_t i = 0; i < d; i++) {
+            float rot = i < half ? -v[i + half] : v[i - half];
+            tmp[i] = v[i] * cos[i] + rot * sin[i];
+        }
+        memcpy(v, tmp, sizeof(float) * (size_t)d);
+    }
+}
+
+__attribute__((always_inline)) static inline v4d widen(const float *p) {
+    v4f f;
+    memcpy(&f, p, sizeof(f));
+    return __builtin_convertvector(f, v4d);
+}
+
+__attribute__((always_inline)) static inline v4d load_d(const double *p) {
+    v4d v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+__attribute__((always_inline)) static inline void store_d(double *p, v4d v) { memcpy(p, &v, sizeof(v)); }
+
+/* qd . k over d (qd already float64), in the fixed order above. */
+__attribute__((always_inline)) static inline double dot(const double *qd, const float *k, int64_t d) {
+    v4d s[4] = {{0}, {0}, {0}, {0}};
+    int64_t chunks = d / 4;
+    for (int64_t c = 0; c < chunks; c++) s[c % 4] += load_d(qd + 4 * c) * widen(k + 4 * c);
+    v4d t = (s[0] + s[1]) + (s[2] + s[3]);
+    double r = (t[0] + t[2]) + (t[1] + t[3]);
+    for (int64_t i = 4 * chunks; i < d; i++) r += qd[i] * (double)k[i];
+    return r;
+}
+
+__attribute__((always_inline)) static inline void
+attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, const int64_t *slots,
+            int64_t len, const float *cache_k, const float *cache_v, double *scores, double *qd,
+            float *out) {
+    double scale = pow((double)d, -0.5);
+    int64_t chunks = d / 4;
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t i = 0; i < d; i++) qd[j * d + i] = (double)q[(g * group + j) * d + i];
+    for (int64_t t = 0; t < len; t++) {
+        const float *kt = cache_k + (slots[t] * hkv + g) * d;
+        for (int64_t j = 0; j < group; j++) scores[j * len + t] = dot(qd + j * d, kt, d) * scale;
+    }
+    for (int64_t j = 0; j < group; j++) {
+        double *sc = scores + j * len, mx = -INFINITY, sum = 0.0;
+        for (int64_t t = 0; t < len; t++) mx = sc[t] > mx ? sc[t] : mx;
+        for (int64_t t = 0; t < len; t++) {
+            sc[t] = exp(sc[t] - mx);
+            sum += sc[t];
+        }
+        for (int64_t t = 0; t < len; t++) sc[t] = sc[t] / sum;
+    }
+    /* qd is free now: the weighted sums of the values, in position order per lane. */
+    double *acc = qd;
+    memset(acc, 0, sizeof(double) * (size_t)(group * d));
+    for (int64_t t = 0; t < len; t++) {
+        const float *vt = cache_v + (slots[t] * hkv + g) * d;
+        for (int64_t j = 0; j < group; j++) {
+            double p = scores[j * len + t], *a = acc + j * d;
+            v4d pv = {p, p, p, p};
+            for (int64_t c = 0; c < chunks; c++) store_d(a + 4 * c, load_d(a + 4 * c) + pv * widen(vt + 4 * c));
+            for (int64_t i = 4 * chunks; i < d; i++) a[i] += p * (double)vt[i];
+        }
+    }
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t i = 0; i < d; i++) out[(g * group + j) * d + i] = (float)acc[j * d + i];
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) static void
+attend_avx2(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, const int64_t *slots,
+            int64_t len, const float *cache_k, const float *cache_v, double *scores, double *qd,
+            float *out) {
+    attend_body(q, g, group, hkv, d, slots, len, cache_k, cache_v, scores, qd, out);
+}
+#endif
+
+static void attend_portable(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d,
+                            const int64_t *slots, int64_t len, const float *cache_k,
+                            const float *cache_v, double *scores, double *qd, float *out) {
+    attend_body(q, g, group, hkv, d, slots, len, cache_k, cache_v, scores, qd, out);
+}
+
+static int force_portable = 0;
+
+void bitskip_attention_force_portable(int on) { force_portable = on; }
+
+void bitskip_attend_group(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d,
+                          const int64_t *slots, int64_t len, const float *cache_k,
+                          const float *cache_v, double *scores, double *qd, float *out) {
+#if defined(__x86_64__)
+    if (!force_portable && __builtin_cpu_supports("avx2")) {
+        attend_avx2(q, g, group, hkv, d, slots, len, cache_k, cache_v, scores, qd, out);
+        return;
+    }
+#endif
+    attend_portable(q, g, group, hkv, d, slots, len, cache_k, cache_v, scores, qd, out);
+}
