@@ -62,6 +62,7 @@ class KVCache:
         self.k, self.v = _zeros(shape, dtype, self.device), _zeros(shape, dtype, self.device)
         self.scratch_slot = num_blocks * block_size
         self._free: deque[int] = deque(range(num_blocks))
+        self.version = 0  # changes whenever a block table does: tensors built from them stay valid until then
         self._arange = torch.arange(block_size, device=self.device)
 
     # ---- allocation ----------------------------------------------------------------------
@@ -86,6 +87,8 @@ class KVCache:
         while seq.num_layers < num_layers:
             seq.tables.append([])
         for table in seq.tables[:num_layers]:
+            if len(table) < per_layer:
+                self.version += 1
             while len(table) < per_layer:
                 table.append(self._free.popleft())
         seq.capacity = min(len(t) for t in seq.tables) * self.block_size
@@ -95,6 +98,7 @@ class KVCache:
         for table in seq.tables:
             self._free.extend(table)
         seq.tables, seq.capacity = [], 0
+        self.version += 1
 
     # ---- addressing ----------------------------------------------------------------------
     def block_tables(self, tables: list[list[int]], num_positions: int) -> torch.Tensor:

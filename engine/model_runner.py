@@ -156,6 +156,8 @@ class ModelRunner:
         # kernel or for architecture options it does not cover.
         self.native_blocks = decode_blocks(c, weights.layers) \
             if kv_cache is not None and kv_cache.k.dtype == torch.float32 else None
+        self._tables: dict[tuple[int, int, int], torch.Tensor] = {}  # _sequence_tables
+        self._tables_version = -1
         if hasattr(self.backend, "prepare_head") and weights.norm.bias is None:
             self.backend.prepare_head(weights.lm_head)  # for argmax_only rows
         self.decode_graphs = None
@@ -309,13 +311,27 @@ class ModelRunner:
         sequence's tokens share its tables), built once per layout (a row that leaves earlier has
         no blocks past its depth: padded, never read)."""
         width = -(-max(sp.start + sp.b - sp.a for sp in spans) // self.kv_cache.block_size)
+        tables = [self._sequence_tables(sp.kv, depth, width) for sp in spans]
+        counts = [sp.b - sp.a for sp in spans]
+        if len(spans) == 1:
+            return tables[0][:, None].expand(depth, counts[0], width).contiguous()
+        tables = torch.stack(tables, 1)
+        return tables if max(counts) == 1 else tables.repeat_interleave(torch.tensor(counts), 1)
 
-        def padded(tables: list[list[int]], layer: int) -> list[int]:
-            t = tables[layer][:width] if layer < len(tables) else []
-            return t + [0] * (width - len(t))
-
-        return torch.tensor([[padded(sp.kv.tables, layer) for sp in spans for _ in range(sp.b - sp.a)]
-                             for layer in range(depth)], dtype=torch.long)
+    def _sequence_tables(self, kv: SequenceKV, depth: int, width: int) -> torch.Tensor:
+        """One sequence's blocks [depth, width] (zero-padded), kept while the cache's tables stay
+        as they are: a decode step, or a speculative round's drafts and verify, reuses them."""
+        cache = self.kv_cache
+        if self._tables_version != cache.version:
+            self._tables.clear()
+            self._tables_version = cache.version
+        key = (id(kv), depth, width)
+        if key not in self._tables:
+            rows = [table[:width] for table in kv.tables[:depth]]
+            rows += [[]] * (depth - len(rows))
+            self._tables[key] = torch.tensor([row + [0] * (width - len(row)) for row in rows],
+                                             dtype=torch.long).view(depth, width)
+        return self._tables[key]
 
     def _block(self, layer: int, h: torch.Tensor, layout: _Layout) -> torch.Tensor:
         c, w = self.config, self.weights.layers[layer - 1]
