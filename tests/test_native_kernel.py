@@ -34,7 +34,7 @@ def random_parts(out_features: list[int], k: int, gen: torch.Generator) -> list[
 
 @pytest.mark.parametrize("m,k,out_features", [
     (1, 4, [3]), (1, 128, [64]), (2, 132, [5, 7]), (3, 252, [16, 4, 4]), (7, 384, [33]),
-    (1, 260, [5, 6, 3]), (2, 1156, [7, 2]),  # passes of 4 (M = 1) and 2 weight rows across parts
+    (1, 260, [5, 6, 3]), (2, 1156, [7, 2]),  # M = 1, 2 over parts of odd sizes, K tails
     (16, 1028, [40, 8, 9]), (33, 644, [31]), (64, 1000, [300]),  # the last runs on threads
 ])
 def test_accumulators_equal_int64_reference(lib, m, k, out_features):

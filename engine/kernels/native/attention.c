@@ -17,8 +17,9 @@
 
 #include "attention.h"
 
-typedef double v4d __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
+/* Loads and stores through these may be unaligned (aligned(4) / aligned(8): one vector move). */
+typedef double v4d __attribute__((vector_size(32), aligned(8)));
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
 
 void bitskip_rope(float *x, int64_t heads, int64_t d, const float *cos, const float *sin) {
     int64_t half = d / 2;
@@ -33,28 +34,33 @@ void bitskip_rope(float *x, int64_t heads, int64_t d, const float *cos, const fl
 }
 
 __attribute__((always_inline)) static inline v4d widen(const float *p) {
-    v4f f;
-    memcpy(&f, p, sizeof(f));
-    return __builtin_convertvector(f, v4d);
+    return __builtin_convertvector(*(const v4f *)p, v4d);
 }
-
-__attribute__((always_inline)) static inline v4d load_d(const double *p) {
-    v4d v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-__attribute__((always_inline)) static inline void store_d(double *p, v4d v) { memcpy(p, &v, sizeof(v)); }
 
 /* qd . k over d (qd already float64), in the fixed order above. */
 __attribute__((always_inline)) static inline double dot(const double *qd, const float *k, int64_t d) {
-    v4d s[4] = {{0}, {0}, {0}, {0}};
-    int64_t chunks = d / 4;
-    for (int64_t c = 0; c < chunks; c++) s[c % 4] += load_d(qd + 4 * c) * widen(k + 4 * c);
-    v4d t = (s[0] + s[1]) + (s[2] + s[3]);
+    v4d s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+    const v4d *q = (const v4d *)qd;
+    int64_t chunks = d / 4, c = 0;
+    for (; c + 4 <= chunks; c += 4) {
+        s0 += q[c] * widen(k + 4 * c);
+        s1 += q[c + 1] * widen(k + 4 * c + 4);
+        s2 += q[c + 2] * widen(k + 4 * c + 8);
+        s3 += q[c + 3] * widen(k + 4 * c + 12);
+    }
+    if (c < chunks) s0 += q[c] * widen(k + 4 * c);
+    if (c + 1 < chunks) s1 += q[c + 1] * widen(k + 4 * c + 4);
+    if (c + 2 < chunks) s2 += q[c + 2] * widen(k + 4 * c + 8);
+    v4d t = (s0 + s1) + (s2 + s3);
     double r = (t[0] + t[2]) + (t[1] + t[3]);
     for (int64_t i = 4 * chunks; i < d; i++) r += qd[i] * (double)k[i];
     return r;
+}
+
+/* The next position's row of a cache (d floats), asked for ahead of its use: positions sit
+ * kv_heads * d floats apart, a stride the hardware prefetcher does not follow far. */
+__attribute__((always_inline)) static inline void prefetch_row(const float *row, int64_t d) {
+    for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(row + i);
 }
 
 __attribute__((always_inline)) static inline void
@@ -67,6 +73,7 @@ attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, co
         for (int64_t i = 0; i < d; i++) qd[j * d + i] = (double)q[(g * group + j) * d + i];
     for (int64_t t = 0; t < len; t++) {
         const float *kt = cache_k + (slots[t] * hkv + g) * d;
+        if (t + 1 < len) prefetch_row(cache_k + (slots[t + 1] * hkv + g) * d, d);
         for (int64_t j = 0; j < group; j++) scores[j * len + t] = dot(qd + j * d, kt, d) * scale;
     }
     for (int64_t j = 0; j < group; j++) {
@@ -83,10 +90,12 @@ attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, co
     memset(acc, 0, sizeof(double) * (size_t)(group * d));
     for (int64_t t = 0; t < len; t++) {
         const float *vt = cache_v + (slots[t] * hkv + g) * d;
+        if (t + 1 < len) prefetch_row(cache_v + (slots[t + 1] * hkv + g) * d, d);
         for (int64_t j = 0; j < group; j++) {
             double p = scores[j * len + t], *a = acc + j * d;
             v4d pv = {p, p, p, p};
-            for (int64_t c = 0; c < chunks; c++) store_d(a + 4 * c, load_d(a + 4 * c) + pv * widen(vt + 4 * c));
+            v4d *av = (v4d *)a;
+            for (int64_t c = 0; c < chunks; c++) av[c] += pv * widen(vt + 4 * c);
             for (int64_t i = 4 * chunks; i < d; i++) a[i] += p * (double)vt[i];
         }
     }

@@ -11,8 +11,6 @@
  * 2 * 2 * 128 = 512 in magnitude, a group's four planes at most 2048, so eight groups fit an int16
  * lane before vpmaddwd widens them to int32. Everything is integer: the result is exact.
  *
- * At M = 1 a pass runs NR weight rows side by side, so every activation load serves NR rows.
- *
  * Threads split the output rows (OpenMP; in a process that imported torch first this is torch's
  * own libgomp, same soname, so both share one pool and never spin against each other). Built by
  * engine/kernels/native/__init__.py. CPUs without AVX2 take the portable loop.
@@ -33,45 +31,43 @@
 #define GROUP_BYTES 32
 #define FLUSH_GROUPS 8   /* groups summed in int16 before widening to int32 */
 #define MR 4             /* activation rows per pass over a weight row */
-#define NR 4             /* weight rows per pass at one activation row: they share its loads */
-/* Each weight load asks for the bytes this far ahead: the next pass's rows (NR rows of 512 bytes
- * at K = 2048). Passes read NR rows side by side, which the hardware prefetcher follows poorly:
- * without this, a block's products at M = 1 ran at half the memory's speed. */
+/* Each weight load asks for the bytes this far ahead (four rows at K = 2048): in a block's
+ * products at M = 1 the loop otherwise stalls on its weight loads (perf). Passes of four weight
+ * rows side by side (each activation load serving four) were tried too: slower, the interleaved
+ * streams defeat the hardware prefetcher. */
 #define PREFETCH 2048
 #define NC 16            /* output rows per tile: their packed rows stay in L1 across passes */
 /* Below this a call runs on one thread: waking another costs more, and on a busy machine the
  * woken thread may wait for a time slice while the region waits for it (~100-200 us of work). */
 #define PARALLEL_MACS (1 << 21)
 
-/* A pass: nr weight rows against mr activation rows (rows m0..m0+mr-1). */
+/* A pass: one weight row against mr activation rows (rows m0..m0+mr-1). */
 typedef struct {
-    const uint8_t *row[NR];
-    const uint8_t *tail[NR];      /* each row's last, partial group, zero-padded (or NULL) */
+    const uint8_t *row;
+    const uint8_t *tail;          /* the row's last, partial group, zero-padded (or NULL) */
     int64_t full_groups, groups;
 } Pass;
 
-typedef void (*pass_fn)(const Pass *, const TernaryActs *, int64_t, int, int, int32_t *, int64_t, int64_t);
+typedef void (*pass_fn)(const Pass *, const TernaryActs *, int64_t, int, int32_t *, int64_t, int64_t);
 
-/* Group g of weight row j of a pass. */
-static inline const uint8_t *pass_group(const Pass *p, int j, int64_t g) {
-    return g < p->full_groups ? p->row[j] + g * GROUP_BYTES : p->tail[j];
+static inline const uint8_t *pass_group(const Pass *p, int64_t g) {
+    return g < p->full_groups ? p->row + g * GROUP_BYTES : p->tail;
 }
 
 /* The portable path: the same planes, one code at a time. */
-static void pass_portable(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int nr,
-                          int32_t *out, int64_t ldo, int64_t n) {
-    for (int j = 0; j < nr; j++)
-        for (int i = 0; i < mr; i++) {
-            const int8_t *a = x->a + (m0 + i) * x->stride;
-            int32_t acc = 0;
-            for (int64_t g = 0; g < p->groups; g++) {
-                const uint8_t *wb = pass_group(p, j, g);
-                const int8_t *ag = a + g * GROUP;
-                for (int b = 0; b < GROUP_BYTES; b++)
-                    for (int q = 0; q < 4; q++) acc += ((wb[b] >> (2 * q)) & 3) * ag[32 * q + b];
-            }
-            out[(m0 + i) * ldo + n + j] = acc - x->sum[m0 + i];
+static void pass_portable(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int32_t *out,
+                          int64_t ldo, int64_t n) {
+    for (int i = 0; i < mr; i++) {
+        const int8_t *a = x->a + (m0 + i) * x->stride;
+        int32_t acc = 0;
+        for (int64_t g = 0; g < p->groups; g++) {
+            const uint8_t *wb = pass_group(p, g);
+            const int8_t *ag = a + g * GROUP;
+            for (int b = 0; b < GROUP_BYTES; b++)
+                for (int q = 0; q < 4; q++) acc += ((wb[b] >> (2 * q)) & 3) * ag[32 * q + b];
         }
+        out[(m0 + i) * ldo + n] = acc - x->sum[m0 + i];
+    }
 }
 
 #ifdef HAVE_X86
@@ -82,59 +78,46 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* mr and nr are constants at each call site (mr * nr <= 4), so the accumulators live in
- * registers: each weight row is unpacked once for its mr activation rows, each activation load
- * serves nr weight rows. */
+/* mr is a constant at each call site, so the accumulators live in registers; the weight row is
+ * unpacked once for its mr activation rows. */
 __attribute__((target("avx2"), always_inline)) static inline void
-pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, const int nr,
-            int32_t *out, int64_t ldo, int64_t n) {
+pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, int32_t *out, int64_t ldo,
+            int64_t n) {
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[MR][NR], part[MR][NR];
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_setzero_si256();
+    __m256i acc[MR], part[MR];
+    for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_si256();
     for (int64_t g0 = 0; g0 < p->groups; g0 += FLUSH_GROUPS) {
         int64_t g1 = g0 + FLUSH_GROUPS < p->groups ? g0 + FLUSH_GROUPS : p->groups;
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < nr; j++) part[i][j] = _mm256_setzero_si256();
+        for (int i = 0; i < mr; i++) part[i] = _mm256_setzero_si256();
         for (int64_t g = g0; g < g1; g++) {
-            __m256i a[MR][4];
-            for (int i = 0; i < mr; i++)
-                for (int q = 0; q < 4; q++)
-                    a[i][q] = _mm256_loadu_si256((const __m256i *)(x->a + (m0 + i) * x->stride + g * GROUP + 32 * q));
-            for (int j = 0; j < nr; j++) {
-                _mm_prefetch((const char *)pass_group(p, j, g) + PREFETCH, _MM_HINT_T0);
-                __m256i wv = _mm256_loadu_si256((const __m256i *)pass_group(p, j, g));
-                __m256i p0 = _mm256_and_si256(wv, three);
-                __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
-                __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
-                __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
-                for (int i = 0; i < mr; i++) {
-                    __m256i s0 = _mm256_maddubs_epi16(p0, a[i][0]), s1 = _mm256_maddubs_epi16(p1, a[i][1]);
-                    __m256i s2 = _mm256_maddubs_epi16(p2, a[i][2]), s3 = _mm256_maddubs_epi16(p3, a[i][3]);
-                    part[i][j] = _mm256_add_epi16(part[i][j], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
-                                                                               _mm256_add_epi16(s2, s3)));
-                }
+            _mm_prefetch((const char *)pass_group(p, g) + PREFETCH, _MM_HINT_T0);
+            __m256i wv = _mm256_loadu_si256((const __m256i *)pass_group(p, g));
+            __m256i p0 = _mm256_and_si256(wv, three);
+            __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
+            __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
+            __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
+            for (int i = 0; i < mr; i++) {
+                const int8_t *a = x->a + (m0 + i) * x->stride + g * GROUP;
+                __m256i s0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
+                __m256i s1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
+                __m256i s2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
+                __m256i s3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
+                part[i] = _mm256_add_epi16(part[i], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
+                                                                     _mm256_add_epi16(s2, s3)));
             }
         }
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < nr; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(part[i][j], ones));
+        for (int i = 0; i < mr; i++) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
     }
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) out[(m0 + i) * ldo + n + j] = hsum_epi32(acc[i][j]) - x->sum[m0 + i];
+    for (int i = 0; i < mr; i++) out[(m0 + i) * ldo + n] = hsum_epi32(acc[i]) - x->sum[m0 + i];
 }
 
 __attribute__((target("avx2"))) static void
-pass_avx2(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int nr, int32_t *out, int64_t ldo,
-          int64_t n) {
-    if (mr == 1 && nr == 4) pass_avx2_n(p, x, m0, 1, 4, out, ldo, n);
-    else if (mr == 2 && nr == 2) pass_avx2_n(p, x, m0, 2, 2, out, ldo, n);
-    else if (nr == 1 && mr == 4) pass_avx2_n(p, x, m0, 4, 1, out, ldo, n);
-    else if (nr == 1 && mr == 3) pass_avx2_n(p, x, m0, 3, 1, out, ldo, n);
-    else if (nr == 1 && mr == 2) pass_avx2_n(p, x, m0, 2, 1, out, ldo, n);
-    else if (nr == 1 && mr == 1) pass_avx2_n(p, x, m0, 1, 1, out, ldo, n);
-    else for (int j = 0; j < nr; j++) {  /* shapes without their own pass: one row at a time */
-        Pass one = {{p->row[j]}, {p->tail[j]}, p->full_groups, p->groups};
-        pass_avx2(&one, x, m0, mr, 1, out, ldo, n + j);
+pass_avx2(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int32_t *out, int64_t ldo, int64_t n) {
+    switch (mr) {
+    case 4: pass_avx2_n(p, x, m0, 4, out, ldo, n); break;
+    case 3: pass_avx2_n(p, x, m0, 3, out, ldo, n); break;
+    case 2: pass_avx2_n(p, x, m0, 2, out, ldo, n); break;
+    default: pass_avx2_n(p, x, m0, 1, out, ldo, n); break;
     }
 }
 #endif
@@ -166,30 +149,21 @@ void bitskip_ternary_rows(const TernaryActs *x, const TernaryWeights *w, int64_t
     pass_fn pass = pick_kernel();
     int64_t row_bytes = w->K / 4, full = w->K / GROUP, tail_bytes = row_bytes - full * GROUP_BYTES;
     uint8_t tails[NC][GROUP_BYTES];
-    Pass p = {{0}, {0}, full, tail_bytes > 0 ? full + 1 : full};
+    Pass p[NC];
     for (int64_t t0 = n0; t0 < n1; t0 += NC) {
         int64_t t1 = t0 + NC < n1 ? t0 + NC : n1;
-        const uint8_t *rows[NC], *tail[NC];
         for (int64_t n = t0; n < t1; n++) {
-            rows[n - t0] = weight_row(w, n);
-            tail[n - t0] = NULL;
+            Pass *q = &p[n - t0];
+            *q = (Pass){weight_row(w, n), NULL, full, tail_bytes > 0 ? full + 1 : full};
             if (tail_bytes > 0) {
                 memset(tails[n - t0], 0, GROUP_BYTES);
-                memcpy(tails[n - t0], rows[n - t0] + full * GROUP_BYTES, (size_t)tail_bytes);
-                tail[n - t0] = tails[n - t0];
+                memcpy(tails[n - t0], q->row + full * GROUP_BYTES, (size_t)tail_bytes);
+                q->tail = tails[n - t0];
             }
         }
         for (int64_t m0 = 0; m0 < x->M; m0 += MR) {
             int mr = x->M - m0 < MR ? (int)(x->M - m0) : MR;
-            int step = mr == 1 ? NR : mr == 2 ? 2 : 1;  /* mr * nr <= 4 accumulators */
-            for (int64_t n = t0; n < t1; n += step) {
-                int nr = t1 - n < step ? (int)(t1 - n) : step;
-                for (int j = 0; j < nr; j++) {
-                    p.row[j] = rows[n - t0 + j];
-                    p.tail[j] = tail[n - t0 + j];
-                }
-                pass(&p, x, m0, mr, nr, out, ldo, n);
-            }
+            for (int64_t n = t0; n < t1; n++) pass(&p[n - t0], x, m0, mr, out, ldo, n);
         }
     }
 }
