@@ -6,8 +6,9 @@
  * (row, KV head) pairs, ...), each a number of items. Items are claimed first come, first served
  * from one counter that runs through every phase in turn, and a phase ends when its items are done,
  * not when every thread has arrived: a thread the OS has descheduled holds the others up only if it
- * holds an item, and a thread that starts late skips the phases already done. Waits spin briefly,
- * then yield the core. Which thread runs an item never changes its numbers: every item is computed
+ * holds an item, and a thread that starts late skips the phases already done. Waits spin up to
+ * ~200 us (longer than a phase's last item takes), then yield the core: yielding sooner on a busy
+ * machine lost the core to another process for a time slice at almost every phase. Which thread runs an item never changes its numbers: every item is computed
  * whole by one thread in a fixed order.
  */
 #ifndef BITSKIP_TEAM_H
@@ -53,7 +54,7 @@ static inline void team_done(Member *m) { atomic_fetch_add(&m->team->done, 1); }
 static inline void team_wait(Member *m) {
     for (int spins = 0; atomic_load(&m->team->done) < m->end; spins++) {
 #if defined(__x86_64__)
-        if (spins < 1000) {
+        if (spins < 8000) {  /* ~200 us of pauses (~27 ns each on this EPYC) */
             __builtin_ia32_pause();
             continue;
         }
