@@ -5,7 +5,9 @@
 
 Single stream: greedy decode of held-out prompts in this process, one request at a time, every
 configuration (full depth and each (E, k)) timed in each repeat, interleaved; decode time from the
-first token to the last (the first token comes from the prompt's full-depth step either way).
+first token to the last (the first token comes from the prompt's full-depth step either way);
+`--cpu-time` times it by the process's CPU time instead, which keeps other processes' load on a
+shared machine out of the ratios.
 Concurrent: a live `bitskip serve` and `--concurrency` clients sending one /generate request
 each, all at once, per configuration; tokens/s over the wall time of the wave. Every output is
 compared with the full-depth output of the same prompt. Prints tables, writes JSON (default
@@ -45,15 +47,16 @@ def prompts_from(path: Path, engine: LLMEngine, n: int, tokens: int) -> list[lis
 
 
 def decode_one(engine: LLMEngine, prompt: list[int], params: SamplingParams,
-               rule: SpeculativeRule | None) -> tuple[list[int], float, int, int]:
+               rule: SpeculativeRule | None, clock) -> tuple[list[int], float, int, int]:
     """(output ids, decode seconds after the first token, drafted, accepted) of one request alone."""
     seq = engine.add_request(prompt, params, speculative=rule)
-    dt = decode_seconds(engine, seq)
+    dt = decode_seconds(engine, seq, clock)
     s = seq.speculation
     return seq.output_ids, dt, s.drafted if s else 0, s.accepted if s else 0
 
 
-def single_stream(engine: LLMEngine, prompts, configs, max_tokens: int, repeats: int) -> dict:
+def single_stream(engine: LLMEngine, prompts, configs, max_tokens: int, repeats: int,
+                  clock=time.perf_counter) -> dict:
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     rates = {c: [] for c in configs}
     outputs, drafted, accepted = {}, dict.fromkeys(configs, 0), dict.fromkeys(configs, 0)
@@ -62,7 +65,7 @@ def single_stream(engine: LLMEngine, prompts, configs, max_tokens: int, repeats:
             total_t, total_n = 0.0, 0
             for i, p in enumerate(prompts):
                 rule = None if c == FULL else SpeculativeRule(*c)
-                ids, dt, d, a = decode_one(engine, p, params, rule)
+                ids, dt, d, a = decode_one(engine, p, params, rule, clock)
                 total_t, total_n = total_t + dt, total_n + len(ids) - 1
                 outputs[c, i] = ids
                 if rep == 0:
@@ -157,6 +160,9 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-server", action="store_true", help="single stream only")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time the single stream by this process's CPU time, not wall-clock: on a shared "
+                         "machine the others' load then stays out of the ratios (1 thread)")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "speculative.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "speculative.png")
     args = ap.parse_args()
@@ -172,9 +178,11 @@ def main() -> None:
     prompts = prompts_from(text, engine, max(args.num_prompts, args.concurrency), args.prompt_tokens)
 
     print(f"speculative benchmark: {args.model.name}, {args.max_tokens} tokens per request, "
-          f"{args.num_prompts} prompts, {args.repeats} repeats, {args.threads} thread(s)")
+          f"{args.num_prompts} prompts, {args.repeats} repeats, {args.threads} thread(s)"
+          + (", single stream in CPU time" if args.cpu_time else ""))
     results, lines = {}, []
-    single, outputs = single_stream(engine, prompts[:args.num_prompts], configs, args.max_tokens, args.repeats)
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    single, outputs = single_stream(engine, prompts[:args.num_prompts], configs, args.max_tokens, args.repeats, clock)
     results["single stream"] = single
     lines += table("single stream (in process)", single)
     print("\n".join(lines))
@@ -195,6 +203,7 @@ def main() -> None:
         "benchmark": "speculative", "model": str(args.model), "commit": git_commit(),
         "machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
         "max_tokens": args.max_tokens, "prompts": args.num_prompts, "repeats": args.repeats,
+        "single_stream_clock": clock.__name__,
         "best": {"draft_exit_layer": best[0], "num_draft_tokens": best[1], "draft_confidence": best[2]},
         "results": {title: {("full" if k == FULL else "E{}-k{}-c{}".format(*k)): v for k, v in r.items()}
                     for title, r in results.items()}}, indent=1))
