@@ -35,6 +35,7 @@ def random_parts(out_features: list[int], k: int, gen: torch.Generator) -> list[
 @pytest.mark.parametrize("m,k,out_features", [
     (1, 4, [3]), (1, 128, [64]), (2, 132, [5, 7]), (3, 252, [16, 4, 4]), (7, 384, [33]),
     (1, 260, [5, 6, 3]), (2, 1156, [7, 2]),  # M = 1, 2 over parts of odd sizes, K tails
+    (1, 128 * 17, [5, 6, 3]), (1, 2048, [4, 9]),  # M = 1 on whole groups: rows in fours and alone
     (16, 1028, [40, 8, 9]), (33, 644, [31]), (64, 1000, [300]),  # the last runs on threads
 ])
 def test_accumulators_equal_int64_reference(lib, m, k, out_features):
@@ -51,12 +52,12 @@ def test_accumulators_equal_int64_reference(lib, m, k, out_features):
 
 def test_extreme_codes_over_long_rows_do_not_overflow(lib):
     """Every weight +1 (or -1) against every activation at the limit: the largest partial sums."""
-    k = 128 * 40 + 36
-    for t, a in ((1, 127), (1, -128), (-1, -128), (-1, 127)):
-        parts = [PackedWeight(pack_ternary(torch.full((3, k), t)), 1.0)]
-        codes = torch.full((2, k), a, dtype=torch.int8)
-        got = CpuTernaryLinear(parts, 8, False, kernel="native").accumulate(codes)
-        assert torch.equal(got, torch.full((2, 3), t * a * k, dtype=torch.int32))
+    for k, m in ((128 * 40 + 36, 2), (128 * 40, 1), (128 * 13, 1)):  # M = 1 has its own loop
+        for t, a in ((1, 127), (1, -128), (-1, -128), (-1, 127)):
+            parts = [PackedWeight(pack_ternary(torch.full((5, k), t)), 1.0)]
+            codes = torch.full((m, k), a, dtype=torch.int8)
+            got = CpuTernaryLinear(parts, 8, False, kernel="native").accumulate(codes)
+            assert torch.equal(got, torch.full((m, 5), t * a * k, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
