@@ -125,6 +125,11 @@ class PackedMatmul:
         self._ptrs = (ctypes.c_void_p * len(parts))(*[p.data_ptr() for p in self.parts])
         self._rows = (ctypes.c_int64 * len(parts))(*[p.shape[0] for p in self.parts])
 
+    def rebind(self) -> None:
+        """Read the parts' addresses again, after their storage moved (hugepages.py)."""
+        for i, p in enumerate(self.parts):
+            self._ptrs[i] = p.data_ptr()
+
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         """int8 [M, K] -> int32 [M, N]."""
         if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != self.in_features:
@@ -132,6 +137,7 @@ class PackedMatmul:
                              f"{list(codes.shape)}")
         if codes.stride(1) != 1:
             codes = codes.contiguous()
+        self.rebind()  # the parts may have moved into huge pages since (shared with another model)
         m = codes.shape[0]
         out = torch.empty(m, self.out_features, dtype=torch.int32)
         if self.lib.bitskip_ternary_gemm(codes.data_ptr(), m, self.in_features, codes.stride(0),

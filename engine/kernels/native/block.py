@@ -8,6 +8,7 @@ import ctypes
 import torch
 
 from . import PackedMatmul
+from .hugepages import move_to_huge_pages
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -37,11 +38,16 @@ class DecodeBlocks:
     tokens of one sequence, in position order) through blocks first..last, h updated in place.
 
     Built once from every layer's norms and native projections; holds the C structs of pointers
-    into them (the tensors stay referenced here, so the pointers stay valid).
+    into them (the tensors stay referenced here, so the pointers stay valid). The projections'
+    packed weights move into huge pages first, in the order a step reads them (hugepages.py).
     """
 
     def __init__(self, lib: ctypes.CDLL, config, layers: list):
         self.lib = lib
+        matmuls = [getattr(w, n)._matmul for w in layers for n in _PROJECTIONS]
+        self.huge_pages = move_to_huge_pages([p for m in matmuls for p in m.parts])
+        for m in matmuls:
+            m.rebind()
         keep, structs = [], []
         for w in layers:
             norms = [n if n is None else n.weight.float().contiguous()
