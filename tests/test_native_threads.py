@@ -73,6 +73,21 @@ def test_two_threads_compute_the_same_bits_as_one(calls):
         assert_same(run(blocks, call, threads=2), run(blocks, call, threads=1))
 
 
+def test_prefetching_while_waiting_changes_no_bits(calls):
+    """team.h's waiting members prefetch the next product's weights (team_ahead); off, the same
+    numbers."""
+    blocks, seen = calls
+    lib = native.library()
+    want = [run(blocks, call, threads=2) for call in seen]
+    lib.bitskip_decode_prefetch(0)
+    try:
+        got = [run(blocks, call, threads=2) for call in seen]
+    finally:
+        lib.bitskip_decode_prefetch(1)
+    for g, w in zip(got, want):
+        assert_same(g, w)
+
+
 def test_portable_kernels_compute_the_same_bits_as_avx2(calls):
     blocks, seen = calls
     lib = native.library()

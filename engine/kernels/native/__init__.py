@@ -81,6 +81,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_decode_blocks.argtypes = [p, i64, p, i64, p, p, i64, i64, p, p, p, p, ctypes.c_int]
     lib.bitskip_decode_blocks.restype = ctypes.c_int
     lib.bitskip_decode_profile.argtypes = [ctypes.c_int, p]
+    lib.bitskip_decode_prefetch.argtypes = [ctypes.c_int]
+    lib.bitskip_decode_prefetch.restype = None
     lib.bitskip_head.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.bitskip_head.restype = None
     lib.bitskip_head_force_portable.argtypes = [ctypes.c_int]

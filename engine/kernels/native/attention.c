@@ -37,24 +37,32 @@ __attribute__((always_inline)) static inline v4d widen(const float *p) {
     return __builtin_convertvector(*(const v4f *)p, v4d);
 }
 
-/* qd . k over d (qd already float64), in the fixed order above. */
-__attribute__((always_inline)) static inline double dot(const double *qd, const float *k, int64_t d) {
+/* x . y over d (both float64), in the fixed order above. */
+__attribute__((always_inline)) static inline double dot(const double *x, const double *y, int64_t d) {
     v4d s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-    const v4d *q = (const v4d *)qd;
+    const v4d *a = (const v4d *)x, *b = (const v4d *)y;
     int64_t chunks = d / 4, c = 0;
     for (; c + 4 <= chunks; c += 4) {
-        s0 += q[c] * widen(k + 4 * c);
-        s1 += q[c + 1] * widen(k + 4 * c + 4);
-        s2 += q[c + 2] * widen(k + 4 * c + 8);
-        s3 += q[c + 3] * widen(k + 4 * c + 12);
+        s0 += a[c] * b[c];
+        s1 += a[c + 1] * b[c + 1];
+        s2 += a[c + 2] * b[c + 2];
+        s3 += a[c + 3] * b[c + 3];
     }
-    if (c < chunks) s0 += q[c] * widen(k + 4 * c);
-    if (c + 1 < chunks) s1 += q[c + 1] * widen(k + 4 * c + 4);
-    if (c + 2 < chunks) s2 += q[c + 2] * widen(k + 4 * c + 8);
+    if (c < chunks) s0 += a[c] * b[c];
+    if (c + 1 < chunks) s1 += a[c + 1] * b[c + 1];
+    if (c + 2 < chunks) s2 += a[c + 2] * b[c + 2];
     v4d t = (s0 + s1) + (s2 + s3);
     double r = (t[0] + t[2]) + (t[1] + t[3]);
-    for (int64_t i = 4 * chunks; i < d; i++) r += qd[i] * (double)k[i];
+    for (int64_t i = 4 * chunks; i < d; i++) r += x[i] * y[i];
     return r;
+}
+
+/* A cached row (d floats) in float64, once for the group's query heads (exact: every float is
+ * a double). */
+__attribute__((always_inline)) static inline void widen_row(const float *x, int64_t d, double *out) {
+    int64_t chunks = d / 4;
+    for (int64_t c = 0; c < chunks; c++) ((v4d *)out)[c] = widen(x + 4 * c);
+    for (int64_t i = 4 * chunks; i < d; i++) out[i] = (double)x[i];
 }
 
 /* The next position's row of a cache (d floats), asked for ahead of its use: positions sit
@@ -67,14 +75,15 @@ __attribute__((always_inline)) static inline void
 attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, const int64_t *slots,
             int64_t len, const float *cache_k, const float *cache_v, double *scores, double *qd,
             float *out) {
-    double scale = pow((double)d, -0.5);
+    double scale = pow((double)d, -0.5), row[d];
     int64_t chunks = d / 4;
     for (int64_t j = 0; j < group; j++)
         for (int64_t i = 0; i < d; i++) qd[j * d + i] = (double)q[(g * group + j) * d + i];
     for (int64_t t = 0; t < len; t++) {
         const float *kt = cache_k + (slots[t] * hkv + g) * d;
         if (t + 1 < len) prefetch_row(cache_k + (slots[t + 1] * hkv + g) * d, d);
-        for (int64_t j = 0; j < group; j++) scores[j * len + t] = dot(qd + j * d, kt, d) * scale;
+        widen_row(kt, d, row);
+        for (int64_t j = 0; j < group; j++) scores[j * len + t] = dot(qd + j * d, row, d) * scale;
     }
     for (int64_t j = 0; j < group; j++) {
         double *sc = scores + j * len, mx = -INFINITY, sum = 0.0;
@@ -91,12 +100,14 @@ attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, co
     for (int64_t t = 0; t < len; t++) {
         const float *vt = cache_v + (slots[t] * hkv + g) * d;
         if (t + 1 < len) prefetch_row(cache_v + (slots[t + 1] * hkv + g) * d, d);
+        widen_row(vt, d, row);
         for (int64_t j = 0; j < group; j++) {
             double p = scores[j * len + t], *a = acc + j * d;
             v4d pv = {p, p, p, p};
             v4d *av = (v4d *)a;
-            for (int64_t c = 0; c < chunks; c++) av[c] += pv * widen(vt + 4 * c);
-            for (int64_t i = 4 * chunks; i < d; i++) a[i] += p * (double)vt[i];
+            const v4d *rv = (const v4d *)row;
+            for (int64_t c = 0; c < chunks; c++) av[c] += pv * rv[c];
+            for (int64_t i = 4 * chunks; i < d; i++) a[i] += p * row[i];
         }
     }
     for (int64_t j = 0; j < group; j++)

@@ -191,16 +191,32 @@ static void normed_codes(const Proj *p, const float *x, const float *norm, int64
     team_wait(m);
 }
 
+/* Bytes of a product's packed weights a waiting thread prefetches ahead (team_ahead): about the
+ * first two ranges of a paper-1b product, well inside a core's L2. */
+#define AHEAD (256 << 10)
+int team_prefetch = 1;
+
+/* Turn team_ahead's prefetching on or off (bench/profile_decode.py compares the two). */
+void bitskip_decode_prefetch(int on) { team_prefetch = on; }
+
+static int64_t weight_bytes(const Proj *p) { return p->out_features * p->in_features / 4; }
+
 /* The prepared rows times p's weights, ranges of output features handed out to the team, each
  * range scaled as it is done: y[r, j] = acc * (s / Q) * gamma[j], or with `residual` added to it:
  * y[r, j] = y[r, j] + acc * (s / Q) * gamma[j]. */
-static void product(const Proj *p, int64_t n, float *y, int64_t ldy, int residual, Scratch *s, Member *m) {
+static void product(const Proj *p, int64_t n, float *y, int64_t ldy, int residual, const Proj *next,
+                    Scratch *s, Member *m) {
     /* About eight ranges a thread: few claims, and a late thread's share is taken by the others. */
     int64_t N = p->out_features, per = 8 * s->threads;
     int64_t chunk = ((N + per - 1) / per + 15) / 16 * 16, items = (N + chunk - 1) / chunk;
     TernaryWeights w = {p->parts, p->part_rows, (int)p->nparts, p->in_features};
     TernaryActs x = {s->codes, s->sums, n, bitskip_ternary_stride(p->in_features)};
     double t0 = profiling && m->id == 0 ? now() : 0.0;
+    /* While waiting for this product's last range and through the phases up to the next product,
+     * ask for the start of the next product's weights (its first ranges; the parts sit one after
+     * another in huge pages, hugepages.py; a prefetch past a part never faults). */
+    if (next)
+        team_ahead(m, next->parts[0], AHEAD < weight_bytes(next) ? AHEAD : weight_bytes(next));
     team_phase(m, items);
     for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
         int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
@@ -271,21 +287,21 @@ static void gated(const Block *b, int64_t n, Scratch *s, Member *m) {
 
 /* One block over the rows (see bitskip_decode_blocks), `tables` this block's [n, width], run by
  * every member of the team. */
-static void block(const Block *b, float *h, int64_t n, const int64_t *positions, const int64_t *tables,
+static void block(const Block *b, const Block *next, float *h, int64_t n, const int64_t *positions, const int64_t *tables,
                   int64_t width, int64_t block_size, float *cache_k, float *cache_v,
                   const float *rope_cos, const float *rope_sin, Scratch *s, Member *m) {
     int64_t H = b->hidden, qs = b->heads * b->head_dim, F = b->inter;
     normed_codes(&b->qkv, h, b->input_norm, H, b->eps, s->x, n, s, m);
-    product(&b->qkv, n, s->y, b->qkv.out_features, 0, s, m);
+    product(&b->qkv, n, s->y, b->qkv.out_features, 0, &b->o, s, m);
     attention(b, n, positions, tables, width, block_size, cache_k, cache_v, rope_cos, rope_sin, s, m);
     normed_codes(&b->o, s->attn, b->attn_sub_norm, qs, b->eps, s->attn, n, s, m);
-    product(&b->o, n, h, H, 1, s, m);
+    product(&b->o, n, h, H, 1, &b->gate_up, s, m);
 
     normed_codes(&b->gate_up, h, b->post_norm, H, b->eps, s->x, n, s, m);
-    product(&b->gate_up, n, s->y, 2 * F, 0, s, m);
+    product(&b->gate_up, n, s->y, 2 * F, 0, &b->down, s, m);
     gated(b, n, s, m);
     normed_codes(&b->down, s->attn, b->ffn_sub_norm, F, b->eps, s->attn, n, s, m);
-    product(&b->down, n, h, H, 1, s, m);
+    product(&b->down, n, h, H, 1, next ? &next->qkv : NULL, s, m);
 }
 
 /* Below this many multiply-adds per block a call runs on one thread: the phases' hand-offs
@@ -325,13 +341,13 @@ int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_
     double t0 = profiling ? now() : 0.0;
 #pragma omp parallel num_threads(size) if (size > 1)
     {
-        Member m = {&team, 0, 0, 0};
+        Member m = {.team = &team};
 #ifdef _OPENMP
         m.id = omp_get_thread_num();
 #endif
         for (int64_t l = 0; l < nblocks; l++)
-            block(&blocks[l], h, n, positions, tables + l * n * width, width, block_size, cache_k,
-                  cache_v, rope_cos, rope_sin, &s, &m);
+            block(&blocks[l], l + 1 < nblocks ? &blocks[l + 1] : NULL, h, n, positions,
+                  tables + l * n * width, width, block_size, cache_k, cache_v, rope_cos, rope_sin, &s, &m);
     }
     if (profiling) spent[2] += now() - t0;
     scratch_free(&s);
