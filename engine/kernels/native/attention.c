@@ -65,8 +65,12 @@ __attribute__((always_inline)) static inline void widen_row(const float *x, int6
     for (int64_t i = 4 * chunks; i < d; i++) out[i] = (double)x[i];
 }
 
-/* The next position's row of a cache (d floats), asked for ahead of its use: positions sit
- * kv_heads * d floats apart, a stride the hardware prefetcher does not follow far. */
+/* A position's row of a cache (d floats), asked for ahead of its use: positions sit kv_heads * d
+ * floats apart, a stride the hardware prefetcher does not follow far, and after a step's weights
+ * have streamed through, the cache's rows come from memory: the keys are asked for KV_AHEAD
+ * positions ahead (one position ahead left each load waiting ~ a memory latency), the values
+ * while the scores are computed. */
+#define KV_AHEAD 8
 __attribute__((always_inline)) static inline void prefetch_row(const float *row, int64_t d) {
     for (int64_t i = 0; i < d; i += 16) __builtin_prefetch(row + i);
 }
@@ -79,9 +83,11 @@ attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, co
     int64_t chunks = d / 4;
     for (int64_t j = 0; j < group; j++)
         for (int64_t i = 0; i < d; i++) qd[j * d + i] = (double)q[(g * group + j) * d + i];
+    for (int64_t t = 0; t < len && t < KV_AHEAD; t++) prefetch_row(cache_k + (slots[t] * hkv + g) * d, d);
     for (int64_t t = 0; t < len; t++) {
         const float *kt = cache_k + (slots[t] * hkv + g) * d;
-        if (t + 1 < len) prefetch_row(cache_k + (slots[t + 1] * hkv + g) * d, d);
+        if (t + KV_AHEAD < len) prefetch_row(cache_k + (slots[t + KV_AHEAD] * hkv + g) * d, d);
+        prefetch_row(cache_v + (slots[t] * hkv + g) * d, d);  /* for the weighted sums below */
         widen_row(kt, d, row);
         for (int64_t j = 0; j < group; j++) scores[j * len + t] = dot(qd + j * d, row, d) * scale;
     }
@@ -99,7 +105,6 @@ attend_body(const float *q, int64_t g, int64_t group, int64_t hkv, int64_t d, co
     memset(acc, 0, sizeof(double) * (size_t)(group * d));
     for (int64_t t = 0; t < len; t++) {
         const float *vt = cache_v + (slots[t] * hkv + g) * d;
-        if (t + 1 < len) prefetch_row(cache_v + (slots[t + 1] * hkv + g) * d, d);
         widen_row(vt, d, row);
         for (int64_t j = 0; j < group; j++) {
             double p = scores[j * len + t], *a = acc + j * d;
