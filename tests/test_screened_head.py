@@ -42,6 +42,19 @@ def test_random_shapes(lib):
         check(lib, w, torch.randn(m, k, generator=gen) * 10 ** float(torch.randn(1, generator=gen)))
 
 
+def test_many_rows_and_unscreenable_rows_in_one_batch(lib):
+    """More rows than one level-1 pass serves (8), some of which cannot be screened."""
+    gen = torch.Generator().manual_seed(8)
+    w, x = torch.randn(700, 130, generator=gen), torch.randn(19, 130, generator=gen)
+    x[[3, 12], 5] = float("nan")
+    x[17, 0] = INF
+    got, full = ScreenedHead(lib, w)(x), native.head_matmul(lib, x, w)
+    fine = [i for i in range(19) if i not in (3, 12, 17)]
+    check(lib, w, x[fine])
+    assert torch.equal(got[fine].argmax(1), full[fine].argmax(1))
+    assert torch.equal(got[[3, 12, 17]].nan_to_num(), full[[3, 12, 17]].nan_to_num())
+
+
 def test_it_screens(lib):
     """Not vacuous: on a random head most rows are ruled out, so reading them exactly is skipped."""
     gen = torch.Generator().manual_seed(4)
@@ -50,9 +63,9 @@ def test_it_screens(lib):
 
 
 def test_near_ties(lib):
-    """Rows that differ from the best one by an ulp-scale change in one weight (the int8 copy
-    cannot tell them apart), exact duplicates (the first index wins), and activations along the
-    int8 copy's error (where the approximation is worst)."""
+    """Rows that differ from the best one by an ulp-scale change in one weight (the 8-bit copy
+    cannot tell them apart), exact duplicates (the first index wins), and activations along either
+    level's error (where the approximation is worst)."""
     gen = torch.Generator().manual_seed(5)
     k = 96
     for trial in range(40):
@@ -67,9 +80,11 @@ def test_near_ties(lib):
         order = torch.randperm(len(rows), generator=gen)
         w = torch.stack(rows)[order].contiguous()
         screen = ScreenedHead(lib, w)
-        err = w - screen.scale[:, None] * screen.codes.float()  # what the int8 copy misses
-        xs = [base, base + 1e-3 * torch.randn(k, generator=gen), err[int(torch.randint(0, len(rows), (1,), generator=gen))],
-              base / base.norm() + err[order.argsort()[-1]] * 50]
+        xs = [base, base + 1e-3 * torch.randn(k, generator=gen)]
+        for codes in screen.levels():  # what each level's copy misses
+            err = (w.double() - screen.scale[:, None].double() * codes).float()
+            xs += [err[int(torch.randint(0, len(rows), (1,), generator=gen))],
+                   base / base.norm() + err[order.argsort()[-1]] * 50]
         check(lib, w, torch.stack(xs), screen)
     w = torch.randn(7, 40, generator=gen).repeat(3, 1)  # every row three times
     assert check(lib, w, torch.randn(4, 40, generator=gen)).sum() >= 4

@@ -1,4 +1,5 @@
-/* The float32 head's dot products (head.c), shared with the screened head (head_screen.c). */
+/* The float32 head's dot products (head.c), shared with the screened head (head_screen.c), and
+ * the screened head's entry point. */
 #ifndef BITSKIP_HEAD_H
 #define BITSKIP_HEAD_H
 #include <stdint.h>
@@ -11,5 +12,12 @@ head_rows_fn bitskip_head_rows_kernel(void);
 int bitskip_head_avx2(void);
 /* The threads a product of M x V x K multiply-adds gets (small ones stay on one). */
 int bitskip_head_threads(int64_t M, int64_t K, int64_t V, int nthreads);
+
+/* The screened head (head_screen.c; its copy: head_codes.h, built by screened_head.py): out [M, V]
+ * gets the exact logits of the rows that could be the argmax, -inf elsewhere. Returns the number
+ * of exact logits computed, or -1 without memory. */
+int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float *w, const uint8_t *codes,
+                              const float *scale, const double *bounds, double norm_max, int64_t V,
+                              float *out, int nthreads);
 
 #endif

@@ -1,5 +1,7 @@
-"""The float32 head's argmax from an int8 copy (head_screen.c): for rows that use nothing but the
-argmax of their logits (greedy, nothing else read), a quarter of the head's bytes per step.
+"""The float32 head's argmax from an 8-bit copy read in two levels (head_screen.c, head_codes.h):
+for rows that use nothing but the argmax of their logits (greedy, nothing else read), 3/16 of the
+head's bytes per step (the top 6 bits of every code) and the low 2 bits of the few rows that
+could still be the argmax.
 
 The copy is built once from the float32 head, chunk by chunk; a head that stays in its file
 (models/mapped.py) has each chunk's pages released after, so building never holds it whole and a
@@ -29,20 +31,34 @@ class ScreenedHead:
                              f"{list(weight.shape)}")
         self.lib, self.weight = lib, weight
         v, k = weight.shape
-        self.codes = torch.empty(v, k, dtype=torch.int8)
+        self.padded = -(-k // 64) * 64
+        self.codes = torch.empty(v * self.padded, dtype=torch.uint8)  # both levels: head_codes.h
         self.scale = torch.empty(v, dtype=torch.float32)
-        self.bounds = torch.empty(v, 2, dtype=torch.float64)  # per row: see head_screen.c
+        self.bounds = torch.empty(v + 1, 4, dtype=torch.float64)  # per row and level: see head_screen.c
         norm_max = ctypes.c_double(0.0)
         self.usable = True
         for v0 in range(0, v, BUILD_ROWS):
             chunk = weight[v0:v0 + BUILD_ROWS]
             if self.lib.bitskip_head_screen_build(
-                    chunk.data_ptr(), chunk.shape[0], k, self.codes[v0].data_ptr(), self.scale[v0:].data_ptr(),
-                    self.bounds[v0].data_ptr(), ctypes.byref(norm_max), torch.get_num_threads()) != 0:
+                    chunk.data_ptr(), v0, chunk.shape[0], k, v, self.codes.data_ptr(), self.scale.data_ptr(),
+                    self.bounds.data_ptr(), ctypes.byref(norm_max), torch.get_num_threads()) != 0:
                 self.usable = False  # a non-finite weight: nothing can be bounded
             release(chunk)
+        self.bounds[v] = self.bounds[:v].max(0).values  # the widest intervals, for a first test
         self.norm_max = norm_max.value
         self.computed = 0  # exact logits computed so far (candidates, or whole rows not screened)
+
+    def levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes c [vocab, hidden] each level approximates the head with (weight ~ scale * c):
+        level 1 the top 6 bits of each code with the low 2 at their mean, level 2 the int8 code."""
+        v, k = self.weight.shape
+        kp = self.padded
+        one = self.codes[:v * kp * 3 // 4].view(v, kp // 64, 48).long()
+        two = self.codes[v * kp * 3 // 4:].view(v, kp // 64, 16).long()
+        fields = lambda b: torch.cat([(b >> (2 * f)) & 3 for f in range(4)], dim=-1)  # noqa: E731
+        nib = torch.cat([one[..., :32] & 15, one[..., :32] >> 4], dim=-1)
+        hi = (nib * 4 + fields(one[..., 32:])).reshape(v, kp)[:, :k]
+        return (4 * hi - 126.5).double(), (4 * hi + fields(two).reshape(v, kp)[:, :k] - 128).double()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x float32 [M, hidden] (normed) -> float32 [M, vocab]."""
