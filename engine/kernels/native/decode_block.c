@@ -73,14 +73,27 @@ static void hadamard(const float *x, int64_t k, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) out[i] = out[i] * c;
 }
 
+/* max(|x_i|) (0 for k = 0, NaNs skipped) in eight independent chains: one chain waits a compare's
+ * latency per element; the maximum is the same in any order. */
+static float abs_max(const float *x, int64_t k) {
+    enum { W = 8 };
+    float m[W] = {0};
+    int64_t i = 0;
+    for (; i + W <= k; i += W)
+        for (int j = 0; j < W; j++) m[j] = fabsf(x[i + j]) > m[j] ? fabsf(x[i + j]) : m[j];
+    for (; i < k; i++) m[0] = fabsf(x[i]) > m[0] ? fabsf(x[i]) : m[0];
+    float s = 0.0f;
+    for (int j = 0; j < W; j++) s = m[j] > s ? m[j] : s;
+    return s;
+}
+
 /* quantize_activations: s = max(max|x|, 1e-5); q = clamp(round(x * ((1 / s) * Q)), -Q, Q), torch's
  * evaluation of x * (Q / s) (a reciprocal, then a product), rounding half to even (adding and
  * subtracting 1.5 * 2^23 rounds a float32 below 2^22 to the nearest integer, ties to even, as
  * nearbyintf does, and vectorizes). The codes go out in the kernel's plane order (`dst`, zeroed
  * padding) with their sum; `tmp` holds k codes in order. */
 static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *tmp, int8_t *dst, int32_t *sum) {
-    float s = 0.0f, magic = 12582912.0f, top = (float)qmax;
-    for (int64_t i = 0; i < k; i++) s = fabsf(x[i]) > s ? fabsf(x[i]) : s;
+    float s = abs_max(x, k), magic = 12582912.0f, top = (float)qmax;
     if (!(s >= 1e-5f)) s = 1e-5f;
     float scale = (1.0f / s) * top;
     for (int64_t i = 0; i < k; i++) {
@@ -88,11 +101,8 @@ static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *tmp, int8
         tmp[i] = (int8_t)(r > top ? top : r < -top ? -top : r);
     }
     int32_t total = 0;
-    memset(dst, 0, (size_t)bitskip_ternary_stride(k));
-    for (int64_t i = 0; i < k; i++) {
-        dst[bitskip_plane_index(i)] = tmp[i];
-        total += tmp[i];
-    }
+    for (int64_t i = 0; i < k; i++) total += tmp[i];
+    bitskip_plane_order(tmp, k, dst);
     *sum = total;
     return s;
 }

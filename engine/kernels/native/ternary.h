@@ -23,6 +23,9 @@ static inline int64_t bitskip_plane_index(int64_t k) {
 }
 static inline int64_t bitskip_ternary_stride(int64_t K) { return (K + 127) / 128 * 128; }
 
+/* a [K] into dst [bitskip_ternary_stride(K)] in plane order, the padding zeros. */
+void bitskip_plane_order(const int8_t *a, int64_t K, int8_t *dst);
+
 typedef struct {
     const uint8_t *const *parts;  /* each part's packed rows, [part_rows[p], K / 4] */
     const int64_t *part_rows;
