@@ -385,6 +385,16 @@ class LLMEngine:
         the rounds still drafting (a round may stop early, at an unsure draft). Emits nothing,
         unless a round fails."""
         outputs = []
+        if self.runner.native_drafts is not None:  # greedy rounds: every draft in one native call
+            rounds: dict[tuple[int, int], list[Sequence]] = {}
+            for seq in seqs:
+                if seq.speculation.greedy(seq, self._stop_ids(seq)):
+                    rounds.setdefault((seq.speculation.rule.draft_exit_layer, seq.speculation.length), []).append(seq)
+            for (depth, m), group in rounds.items():
+                drafts, states = self.runner.greedy_drafts([seq.kv for seq in group], [seq.all_ids[-1] for seq in group],
+                                                           [seq.num_computed for seq in group], depth, m)
+                for seq, d, st in zip(group, drafts.tolist(), states):
+                    seq.speculation.take(d, st)
         while seqs := [seq for seq in seqs if not seq.finished and seq.speculation.drafting]:
             rows = [seq.speculation.next_row(seq, self._stop_ids(seq)) for seq in seqs]
             for seq, res in zip(seqs, self.runner.forward(rows)):

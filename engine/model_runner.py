@@ -27,6 +27,7 @@ from models.functional import activation, apply_rope, gated_activation, layer_no
 from .decode_graphs import DecodeGraphs
 from .exit_policy import ConfidenceRule
 from .kernels.native.block import decode_blocks
+from .kernels.native.draft_loop import GreedyDrafts
 from .kv_cache import KVCache, SequenceKV
 from .weights import LayerWeights, ModelWeights, Norm
 
@@ -160,6 +161,13 @@ class ModelRunner:
         self._tables_version = -1
         if hasattr(self.backend, "prepare_head") and weights.norm.bias is None:
             self.backend.prepare_head(weights.lm_head)  # for argmax_only rows
+        # A speculative round's greedy drafts in one native call (engine/kernels/native/draft_loop.py).
+        self.native_drafts = None
+        if self.native_blocks is not None and weights.norm.bias is None and weights.embed_positions is None \
+                and all(t.dtype == torch.float32 and t.is_contiguous() for t in (weights.embed_tokens, weights.lm_head)):
+            screened = getattr(self.backend, "screened_head", lambda _: None)(weights.lm_head)
+            self.native_drafts = GreedyDrafts(self.native_blocks, weights.embed_tokens, weights.norm.weight,
+                                              weights.norm.eps, weights.lm_head, screened)
         self.decode_graphs = None
         if getattr(self.backend, "static_decode", False) and kv_cache is not None and c.causal \
                 and weights.embed_positions is None:
@@ -237,6 +245,22 @@ class ModelRunner:
             if r.confidence is not None and r.heads:
                 last = min([last] + [k for k in r.confidence.exit_points if k >= max(layer, r.confidence.min_exit_layer)])
         return last
+
+    @torch.inference_mode()
+    def greedy_drafts(self, kvs: list[SequenceKV], tokens: list[int], starts: list[int], depth: int,
+                      m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy drafts (`native_drafts`): each sequence's token at its start runs blocks
+        1..depth, the head at depth proposes the next token, which runs next, m times, writing KV
+        at positions start..start + m - 1 of layers 1..depth. Returns the drafts long [n, m] and
+        the layer-depth states [n, m, hidden] of the tokens they came from (for the verify)."""
+        width = -(-max(s + m for s in starts) // self.kv_cache.block_size)
+        tables = torch.stack([self._sequence_tables(kv, depth, width) for kv in kvs], 1).contiguous()
+        cache = self.kv_cache
+        out = self.native_drafts(depth, m, tokens, starts, tables, cache.block_size, cache.k, cache.v,
+                                 self.rope_cos, self.rope_sin)
+        for layer in range(1, depth + 1):
+            self.blocks_run[layer] += m * len(kvs)
+        return out
 
     # ---- leaving the batch -----------------------------------------------------------------
     def _exits(self, layer: int, h: torch.Tensor, live: list[_Live],

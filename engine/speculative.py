@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .model_runner import Pending, Row, RowResult
-from .sampler import distribution, reads_only_argmax
+from .sampler import changes_logits, distribution, reads_only_argmax
 
 if TYPE_CHECKING:
     from .sequence import Sequence
@@ -121,6 +121,19 @@ class Speculation:
         # the draft's whole distribution.
         return Row([token], start, E, seq.kv, {E: "last"}, keep_states=True, argmax_only=(
             self.rule.draft_confidence == 0 and reads_only_argmax(params, outputs, stop_ids)))
+
+    def greedy(self, seq: Sequence, stop_ids: Collection[int]) -> bool:
+        """Whether every draft of the round is the plain argmax at E (temperature 0, nothing
+        adjusts the logits, no confidence read): the runner may draft them all in one native
+        loop (`take`). What adjusts logits only stops doing so as outputs grow (min_tokens)."""
+        return (seq.params.temperature == 0 and self.rule.draft_confidence == 0
+                and not changes_logits(seq.params, seq.output_ids, stop_ids))
+
+    def take(self, drafts: list[int], states: torch.Tensor) -> None:
+        """The round's drafts, from the runner's greedy draft loop, with the layer-E states of
+        x0, d1, .., d_{m-1} [m, hidden]."""
+        self.drafts = drafts
+        self.states = [Pending(states, [self.rule.draft_exit_layer] * len(drafts))]
 
     def draft(self, seq: Sequence, result: RowResult,
               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:

@@ -45,13 +45,17 @@ class TorchBackend:
                 and lm_head.dtype == torch.float32 and lm_head.is_contiguous():
             self._screened = (lm_head, ScreenedHead(lib, lm_head))
 
+    def screened_head(self, lm_head: torch.Tensor) -> ScreenedHead | None:
+        """The int8 copy prepare_head built for this head, if any."""
+        return self._screened[1] if self._screened is not None and self._screened[0] is lm_head else None
+
     def head(self, h, norm, lm_head, eps, argmax_only=False):
         lib = native.library()  # the native product: the same sums for a row alone or in a batch
         x = rms_norm(h, norm, eps)
         if lib is None:
             return F.linear(x, lm_head)
-        if argmax_only and self._screened is not None and self._screened[0] is lm_head:
-            return self._screened[1](x)
+        if argmax_only and (screened := self.screened_head(lm_head)) is not None:
+            return screened(x)
         return native.head_matmul(lib, x, lm_head)
 
     def decode_attention(self, q, cache: KVCache, tables, lengths):

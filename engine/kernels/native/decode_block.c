@@ -58,6 +58,11 @@ static void rms_norm(const float *x, const float *w, int64_t k, double eps, floa
     for (int64_t i = 0; i < k; i++) out[i] = x[i] / denom * w[i];
 }
 
+/* The same, for the final norm before the head (draft_loop.c). */
+void bitskip_rms_norm(const float *x, const float *w, int64_t k, double eps, float *out) {
+    rms_norm(x, w, k, eps, out);
+}
+
 /* hadamard_transform: zero-pad to n, butterflies of a + b, a - b, then times float(1/sqrt(n)). */
 static void hadamard(const float *x, int64_t k, int64_t n, float *out) {
     memcpy(out, x, sizeof(float) * (size_t)k);
