@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.kernels.native import draft_loop
 from engine.kv_cache import SequenceKV
 from engine.model_runner import Row
 from engine.speculative import SpeculativeRule
@@ -37,8 +38,21 @@ def prefilled(engine: LLMEngine, prompt: list[int], room: int) -> SequenceKV:
     return kv
 
 
+@pytest.fixture(params=["float32 head", "screened head"])
+def head(request, model_and_engine, monkeypatch):
+    """The loop with either head: the float32 one (small heads), or the screened one's argmax."""
+    _, engine = model_and_engine
+    r, w = engine.runner, engine.weights
+    monkeypatch.setattr(draft_loop, "SCREEN_ABOVE", 0 if request.param == "screened head" else 1 << 62)
+    drafts = draft_loop.GreedyDrafts(r.native_blocks, w.embed_tokens, w.norm.weight, w.norm.eps, w.lm_head,
+                                     engine.backend.screened_head(w.lm_head))
+    assert (drafts._screened is not None) == (request.param == "screened head")
+    monkeypatch.setattr(r, "native_drafts", drafts)
+    return request.param
+
+
 @pytest.mark.parametrize("draft_exit", [1, 2, 3])
-def test_drafts_are_the_reference_greedy_at_the_draft_exit_and_kv_is_full_depth(model_and_engine, draft_exit):
+def test_drafts_are_the_reference_greedy_at_the_draft_exit_and_kv_is_full_depth(model_and_engine, head, draft_exit):
     model, engine = model_and_engine
     m = 6
     kvs, x0 = [], []
