@@ -1,9 +1,9 @@
 """The native CPU kernels (ternary.c: the packed projection; decode_block.c: decoder blocks for
 cached rows, with attention.c and team.h; head.c: the float32 head; head_screen.c: its argmax from
 an 8-bit copy read in two levels, head_codes.c; draft_loop.c: a speculative round's greedy
-drafts): built with the system C compiler into a cache directory the first time it is needed (or at install time: `python -m engine.kernels.native`), loaded with
-ctypes. It is compiled against raw buffers only (no torch headers), so building it never needs
-pip or a build environment.
+drafts): built with the system C compiler into a cache directory the first time it is needed (or
+at install time: `python -m engine.kernels.native`), loaded with ctypes. It is compiled against
+raw buffers only (no torch headers), so building it never needs pip or a build environment.
 
 Without a compiler (or with BITSKIP_NATIVE=0) `library()` returns None and says why in one log
 line; the CPU backend then uses its torch path, which computes the same integers.
