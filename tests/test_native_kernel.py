@@ -36,6 +36,7 @@ def random_parts(out_features: list[int], k: int, gen: torch.Generator) -> list[
     (1, 4, [3]), (1, 128, [64]), (2, 132, [5, 7]), (3, 252, [16, 4, 4]), (7, 384, [33]),
     (1, 260, [5, 6, 3]), (2, 1156, [7, 2]),  # M = 1, 2 over parts of odd sizes, K tails
     (1, 128 * 17, [5, 6, 3]), (1, 2048, [4, 9]),  # M = 1 on whole groups: rows in fours and alone
+    (2, 128 * 9, [5, 6]), (6, 2048, [19]),  # M > 1 on whole groups: passes of 2, then 4 + 2 rows
     (16, 1028, [40, 8, 9]), (33, 644, [31]), (64, 1000, [300]),  # the last runs on threads
 ])
 def test_accumulators_equal_int64_reference(lib, m, k, out_features):
@@ -52,7 +53,7 @@ def test_accumulators_equal_int64_reference(lib, m, k, out_features):
 
 def test_extreme_codes_over_long_rows_do_not_overflow(lib):
     """Every weight +1 (or -1) against every activation at the limit: the largest partial sums."""
-    for k, m in ((128 * 40 + 36, 2), (128 * 40, 1), (128 * 13, 1)):  # M = 1 has its own loop
+    for k, m in ((128 * 40 + 36, 2), (128 * 40, 1), (128 * 13, 1), (128 * 13, 3), (128 * 16, 4)):
         for t, a in ((1, 127), (1, -128), (-1, -128), (-1, 127)):
             parts = [PackedWeight(pack_ternary(torch.full((5, k), t)), 1.0)]
             codes = torch.full((m, k), a, dtype=torch.int8)
