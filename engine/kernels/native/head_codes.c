@@ -52,14 +52,12 @@ int bitskip_head_screen_build(const float *w, int64_t v0, int64_t n, int64_t K, 
                 double h = 4 * (u[i] >> 2) - 126.5, d1 = (double)wv[k] - (double)s * h, d2 = (double)wv[k] - (double)s * c;
                 e1 += d1 * d1, e2 += d2 * d2, w2 += (double)wv[k] * wv[k], c1 += h * h, c2 += (double)c * c;
             }
-            uint8_t *nib = one + b * 3 / 4, *mid = nib + 32, *lo = two + b / 4;
-            for (int i = 0; i < 32; i++) nib[i] = (uint8_t)((u[i] >> 4) | (u[i + 32] >> 4 << 4));
+            uint8_t *six = one + b * 3 / 4, *nib = six + 32, *lo = two + b / 4;
+            for (int i = 0; i < 32; i++) six[i] = (uint8_t)((u[i] >> 2) | (u[i + 32] >> 2 << 6));
             for (int i = 0; i < 16; i++) {
-                mid[i] = lo[i] = 0;
-                for (int f = 0; f < 4; f++) {
-                    mid[i] |= (uint8_t)(((u[16 * f + i] >> 2) & 3) << (2 * f));
-                    lo[i] |= (uint8_t)((u[16 * f + i] & 3) << (2 * f));
-                }
+                nib[i] = (uint8_t)((u[32 + i] >> 4) | (u[48 + i] >> 4 << 4));
+                lo[i] = 0;
+                for (int f = 0; f < 4; f++) lo[i] |= (uint8_t)((u[16 * f + i] & 3) << (2 * f));
             }
         }
         double *bd = bounds + 4 * (v0 + r);
@@ -75,14 +73,21 @@ int bitskip_head_screen_build(const float *w, int64_t v0, int64_t n, int64_t K, 
 /* ---- the integer dots, portable ------------------------------------------------------------ */
 static inline int field(const uint8_t *bytes, int i) { return (bytes[i & 15] >> (2 * (i >> 4))) & 3; }
 
-static void level1_portable(const int16_t *xq, int mb, int64_t kp, const uint8_t *rec, int n, int32_t *C, int ldc) {
+/* The top 6 bits of code k (0..63) of a block's level-1 bytes. */
+static inline int hi6(const uint8_t *r, int k) {
+    return k < 32 ? r[k] & 63 : ((r[32 + (k & 15)] >> (k & 16 ? 4 : 0)) & 15) * 4 + (r[k - 32] >> 6);
+}
+
+static void level1_portable(const int16_t *xq, const int8_t *xs, int mb, int64_t kp, const uint8_t *rec, int n,
+                            int32_t *C, int ldc) {
+    (void)xs;
     for (int i = 0; i < n; i++)
         for (int j = 0; j < mb; j++) {
             const uint8_t *r = rec + i * head_codes_level1_bytes(kp);
             const int16_t *x = xq + j * kp;
             int32_t s = 0;
             for (int64_t b = 0; b < kp; b += 64, r += 48)
-                for (int k = 0; k < 64; k++) s += (((r[k & 31] >> (k & 32 ? 4 : 0)) & 15) * 4 + field(r + 32, k)) * x[b + k];
+                for (int k = 0; k < 64; k++) s += hi6(r, k) * x[b + k];
             C[j * ldc + i] = s;
         }
 }
@@ -131,30 +136,62 @@ __attribute__((target("avx2"), always_inline)) static inline int32_t hsum(__m256
 
 #define PREFETCH 1536  /* bytes ahead in the level-1 stream: one record at hidden 2048 */
 
+/* A block's 64 six-bit codes as bytes: h0 weights 0..31, h1 32..63 (4 * nibble + the top bits). */
 __attribute__((target("avx2"), always_inline)) static inline void
-level1_pass(const int16_t *xq, const int mb, int64_t kp, const uint8_t *rec, int n, int32_t *C, int ldc) {
-    const __m256i mask = _mm256_set1_epi8(0x3c);
+unpack6(const uint8_t *r, __m256i *h0, __m256i *h1) {
+    __m256i six = _mm256_loadu_si256((const __m256i *)r);
+    __m256i nib = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(r + 32)));
+    /* low nibbles (lane 0) up 2 bits, high nibbles (lane 1) down 2: both at bits 2-5 */
+    nib = _mm256_srlv_epi32(_mm256_sllv_epi32(nib, _mm256_setr_epi32(2, 2, 2, 2, 0, 0, 0, 0)),
+                            _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+    *h0 = _mm256_and_si256(six, _mm256_set1_epi8(0x3f));
+    *h1 = _mm256_or_si256(_mm256_and_si256(nib, _mm256_set1_epi8(0x3c)),
+                          _mm256_and_si256(_mm256_srli_epi16(six, 6), _mm256_set1_epi8(3)));
+}
+
+/* One row of x (xs: its low and high bytes, xq = 256 xh + xl): vpmaddubsw on the code bytes, no
+ * widening. Pairs stay within int16: 2 * 2 * 63 * 128 < 2^15. */
+__attribute__((target("avx2"))) static void
+level1_one(const int8_t *xs, int64_t kp, const uint8_t *rec, int n, int32_t *C) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *xl = xs, *xh = xs + kp;
     for (int i = 0; i < n; i++) {
-        __m256i acc[HEAD_CODES_MB];
+        __m256i accl = _mm256_setzero_si256(), acch = _mm256_setzero_si256(), h0, h1;
+        const uint8_t *r = rec + i * head_codes_level1_bytes(kp);
+        for (int64_t b = 0; b < kp; b += 64, r += 48) {
+            _mm_prefetch((const char *)(r + PREFETCH), _MM_HINT_T0);
+            unpack6(r, &h0, &h1);
+            __m256i l = _mm256_add_epi16(_mm256_maddubs_epi16(h0, _mm256_loadu_si256((const __m256i *)(xl + b))),
+                                         _mm256_maddubs_epi16(h1, _mm256_loadu_si256((const __m256i *)(xl + b + 32))));
+            __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(h0, _mm256_loadu_si256((const __m256i *)(xh + b))),
+                                         _mm256_maddubs_epi16(h1, _mm256_loadu_si256((const __m256i *)(xh + b + 32))));
+            accl = _mm256_add_epi32(accl, _mm256_madd_epi16(l, ones));
+            acch = _mm256_add_epi32(acch, _mm256_madd_epi16(h, ones));
+        }
+        C[i] = (int32_t)(256 * (int64_t)hsum(acch) + hsum(accl));
+    }
+}
+
+/* Several rows of x: each block's codes widened once, then one vpmaddwd per 16 codes and row. */
+__attribute__((target("avx2"))) static void
+level1_avx2(const int16_t *xq, const int8_t *xs, int mb, int64_t kp, const uint8_t *rec, int n, int32_t *C,
+            int ldc) {
+    if (mb == 1) {
+        level1_one(xs, kp, rec, n, C);
+        return;
+    }
+    for (int i = 0; i < n; i++) {
+        __m256i acc[HEAD_CODES_MB], h0, h1, w[4];
         for (int j = 0; j < mb; j++) acc[j] = _mm256_setzero_si256();
         const uint8_t *r = rec + i * head_codes_level1_bytes(kp);
         for (int64_t b = 0; b < kp; b += 64, r += 48) {
             _mm_prefetch((const char *)(r + PREFETCH), _MM_HINT_T0);
-            __m256i nib = _mm256_loadu_si256((const __m256i *)r), m0, m1, w[4];
-            fields(r + 32, &m0, &m1);
-            /* hi = 4 * nibble + field: the nibbles moved to bits 2-5 of each byte */
-            widen(_mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(nib, 2), mask), m0),
-                  _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 2), mask), m1), w);
+            unpack6(r, &h0, &h1);
+            widen(h0, h1, w);
             for (int j = 0; j < mb; j++) acc[j] = _mm256_add_epi32(acc[j], dot64(w, xq + j * kp + b));
         }
         for (int j = 0; j < mb; j++) C[j * ldc + i] = hsum(acc[j]);
     }
-}
-
-__attribute__((target("avx2"))) static void
-level1_avx2(const int16_t *xq, int mb, int64_t kp, const uint8_t *rec, int n, int32_t *C, int ldc) {
-    if (mb == 1) level1_pass(xq, 1, kp, rec, n, C, ldc);  /* a greedy step's one row: no loop over rows */
-    else level1_pass(xq, mb, kp, rec, n, C, ldc);
 }
 
 __attribute__((target("avx2"))) static int64_t level2_avx2(const int16_t *xq, int64_t kp, const uint8_t *lo) {

@@ -3,9 +3,9 @@
  * levels that head_screen.c reads apart:
  *
  *   level 1, one record of kp * 3 / 4 bytes per row (kp = K rounded up to 64, codes past K are
- *   128): the top 6 bits hi = u >> 2 of each block of 64 weights as 32 bytes of nibbles (byte b:
- *   hi >> 2 of weight b in bits 0-3, of weight b + 32 in bits 4-7) then 16 bytes of 2-bit fields
- *   (byte b: hi & 3 of weights b, b + 16, b + 32, b + 48 in bits 0-1, 2-3, 4-5, 6-7);
+ *   128): the top 6 bits hi = u >> 2 of each block of 64 weights as 32 bytes (byte b: hi of
+ *   weight b in bits 0-5, hi & 3 of weight b + 32 in bits 6-7) then 16 bytes of nibbles (byte b:
+ *   hi >> 2 of weight 32 + b in bits 0-3, of weight 48 + b in bits 4-7);
  *   level 2, kp / 4 bytes per row after all the records: the low bits u & 3 in the same 2-bit
  *   arrangement.
  *
@@ -22,8 +22,10 @@ static inline int64_t head_codes_level1_bytes(int64_t kp) { return kp * 3 / 4; }
 
 typedef struct {
     /* C[j * ldc + i] = sum_k hi(row i, k) xq[j * kp + k] for mb <= HEAD_CODES_MB rows of xq and
-     * n level-1 records; exact (|C| <= 63 Q kp < 2^31 for head_screen.c's Q). */
-    void (*level1)(const int16_t *xq, int mb, int64_t kp, const uint8_t *rec, int n, int32_t *C, int ldc);
+     * n level-1 records; exact (|C| <= 63 Q kp < 2^31 for head_screen.c's Q). xs: the same rows
+     * as bytes [mb, 2, kp], xq = 256 xh + xl with xl in -128..127 (for one row of x). */
+    void (*level1)(const int16_t *xq, const int8_t *xs, int mb, int64_t kp, const uint8_t *rec, int n, int32_t *C,
+                   int ldc);
     /* sum_k lo(k) xq[k] over one row's level-2 bytes. */
     int64_t (*level2)(const int16_t *xq, int64_t kp, const uint8_t *lo);
 } head_codes_kernels;

@@ -50,7 +50,7 @@
  * or -1 when the row cannot be screened. */
 static double quantize(const float *x, int64_t K, int64_t kp, double norm_max, int16_t *xq, double *st) {
     double Q = floor(2147483647.0 / (127.0 * (double)kp)), mx = 0, ss = 0, es = 0, sum = 0;
-    Q = Q < 32767 ? Q : 32767;
+    Q = Q < 32639 ? Q : 32639;  /* xq + 128 fits int16: its high byte fits int8 (head_codes.h) */
     for (int64_t k = 0; k < K; k++) {
         double a = fabs((double)x[k]);
         mx = a > mx ? a : mx;
@@ -121,20 +121,26 @@ int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float 
     const uint8_t *low = codes + V * rec;
     double *st = malloc(STATS * M * sizeof(double));          /* per screened row, see STATS */
     int16_t *xq = malloc(M * kp * sizeof(int16_t));            /* the screened rows' codes */
+    int8_t *xs = malloc(M * 2 * kp);                            /* the same as bytes: head_codes.h */
     int64_t *which = malloc(M * sizeof(int64_t));              /* their indices in x */
     double *lows = malloc(2 * tasks * M * sizeof(double));     /* per level, task and row: the largest lower end */
     int64_t *counts = calloc(tasks, sizeof(int64_t));          /* exact logits per task */
     nthreads = bitskip_head_threads(M, K, V, nthreads);
     double *tops = malloc(nthreads * M * sizeof(double));      /* per thread: the bar a row's logits must reach */
-    if (st == NULL || xq == NULL || which == NULL || lows == NULL || counts == NULL || tops == NULL) {
-        free(st), free(xq), free(which), free(lows), free(counts), free(tops);
+    if (st == NULL || xq == NULL || xs == NULL || which == NULL || lows == NULL || counts == NULL || tops == NULL) {
+        free(st), free(xq), free(xs), free(which), free(lows), free(counts), free(tops);
         return -1;
     }
     int64_t ns = 0;
     for (int64_t m = 0; m < M; m++) {
         double *s = st + STATS * ns;
         s[0] = quantize(x + m * K, K, kp, norm_max, xq + ns * kp, s);
-        if (s[0] >= 0) which[ns++] = m;
+        if (s[0] < 0) continue;
+        for (int64_t k = 0; k < kp; k++) {  /* the bytes: xq = 256 xh + xl exactly */
+            int8_t lo = (int8_t)(((xq[ns * kp + k] + 128) & 255) - 128);
+            xs[2 * ns * kp + k] = lo, xs[(2 * ns + 1) * kp + k] = (int8_t)((xq[ns * kp + k] - lo) / 256);
+        }
+        which[ns++] = m;
     }
     const double eta = (double)(K + 40) * 0x1p-149;
     double *lows2 = lows + tasks * ns;
@@ -143,7 +149,7 @@ int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float 
     atomic_int ids = 0;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-        Member me = {&team, atomic_fetch_add(&ids, 1), 0, 0};
+        Member me = {.team = &team, .id = atomic_fetch_add(&ids, 1)};
         double *top = tops + me.id * ns;
         int64_t t, v0, n;
         team_phase(&me, ns < M ? tasks : 0);  /* the full head for the rows that cannot be screened */
@@ -166,7 +172,7 @@ int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float 
             int mb = (int)(ns - g < HEAD_CODES_MB ? ns - g : HEAD_CODES_MB);
             t = item % tasks;
             n = task_rows(t, V, &v0);
-            kern->level1(xq + g * kp, mb, kp, codes + v0 * rec, (int)n, C, SCREEN_ROWS);
+            kern->level1(xq + g * kp, xs + 2 * g * kp, mb, kp, codes + v0 * rec, (int)n, C, SCREEN_ROWS);
             for (int j = 0; j < mb; j++) {
                 const double *s = st + STATS * (g + j);
                 float *o = out + which[g + j] * V + v0;
@@ -244,6 +250,6 @@ int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float 
     }
     int64_t computed = (M - ns) * V;
     for (int64_t t = 0; t < tasks; t++) computed += counts[t];
-    free(st), free(xq), free(which), free(lows), free(counts), free(tops);
+    free(st), free(xq), free(xs), free(which), free(lows), free(counts), free(tops);
     return computed;
 }

@@ -56,8 +56,9 @@ class ScreenedHead:
         one = self.codes[:v * kp * 3 // 4].view(v, kp // 64, 48).long()
         two = self.codes[v * kp * 3 // 4:].view(v, kp // 64, 16).long()
         fields = lambda b: torch.cat([(b >> (2 * f)) & 3 for f in range(4)], dim=-1)  # noqa: E731
-        nib = torch.cat([one[..., :32] & 15, one[..., :32] >> 4], dim=-1)
-        hi = (nib * 4 + fields(one[..., 32:])).reshape(v, kp)[:, :k]
+        six, nib = one[..., :32], one[..., 32:]
+        top = torch.cat([nib & 15, nib >> 4], dim=-1) * 4 + (six >> 6)
+        hi = torch.cat([six & 63, top], dim=-1).reshape(v, kp)[:, :k]
         return (4 * hi - 126.5).double(), (4 * hi + fields(two).reshape(v, kp)[:, :k] - 128).double()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
