@@ -87,6 +87,8 @@ pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, int32
             int64_t n) {
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i acc[MR], part[MR];
+    const int8_t *rows[MR];  /* once a pass: per group it cost a reload and a multiply a row */
+    for (int i = 0; i < mr; i++) rows[i] = x->a + (m0 + i) * x->stride;
     for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_si256();
     for (int64_t g0 = 0; g0 < p->groups; g0 += FLUSH_GROUPS) {
         int64_t g1 = g0 + FLUSH_GROUPS < p->groups ? g0 + FLUSH_GROUPS : p->groups;
@@ -99,7 +101,7 @@ pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, int32
             __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
             __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
             for (int i = 0; i < mr; i++) {
-                const int8_t *a = x->a + (m0 + i) * x->stride + g * GROUP;
+                const int8_t *a = rows[i] + g * GROUP;
                 __m256i s0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
                 __m256i s1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
                 __m256i s2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
