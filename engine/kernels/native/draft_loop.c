@@ -14,17 +14,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* decode_block.c, head.c, head_screen.c */
+#include "head.h"
+
+/* decode_block.c */
 int bitskip_decode_blocks(const void *blocks, int64_t nblocks, float *h, int64_t n,
                           const int64_t *positions, const int64_t *tables, int64_t width,
                           int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
                           const float *rope_sin, int nthreads);
 void bitskip_rms_norm(const float *x, const float *w, int64_t k, double eps, float *out);
-void bitskip_head(const float *x, int64_t M, int64_t K, const float *w, int64_t V, float *out,
-                  int nthreads);
-int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float *w, const uint8_t *codes,
-                              const float *scale, const double *bounds, double norm_max, int64_t V,
-                              float *out, int nthreads);
 
 /* The head, shared by every exit. codes NULL: the float32 head, every logit computed. */
 typedef struct {

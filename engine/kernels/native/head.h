@@ -13,6 +13,9 @@ int bitskip_head_avx2(void);
 /* The threads a product of M x V x K multiply-adds gets (small ones stay on one). */
 int bitskip_head_threads(int64_t M, int64_t K, int64_t V, int nthreads);
 
+/* out [M, V] = x [M, K] @ w [V, K].T, every logit by the kernel above (head.c), threads over w's rows. */
+void bitskip_head(const float *x, int64_t M, int64_t K, const float *w, int64_t V, float *out, int nthreads);
+
 /* The screened head (head_screen.c; its copy: head_codes.h, built by screened_head.py): out [M, V]
  * gets the exact logits of the rows that could be the argmax, -inf elsewhere. Returns the number
  * of exact logits computed, or -1 without memory. */
