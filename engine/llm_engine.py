@@ -258,7 +258,7 @@ class LLMEngine:
             if seq.finished:  # failed while drafting
                 continue
             if seq.speculation is not None and seq.speculation.length:
-                outputs += self._verified(seq, next(results))
+                outputs += self._verified(seq, None if row is None else next(results))
                 continue
             seq.num_computed += n
             if row is None:
@@ -386,13 +386,20 @@ class LLMEngine:
         unless a round fails."""
         outputs = []
         if self.runner.native_drafts is not None:  # greedy rounds: every draft in one native call
-            rounds: dict[tuple[int, int], list[Sequence]] = {}
+            rounds: dict[tuple[int, int, int | None], list[Sequence]] = {}
             for seq in seqs:
-                if seq.speculation.greedy(seq, self._stop_ids(seq)):
-                    rounds.setdefault((seq.speculation.rule.draft_exit_layer, seq.speculation.length), []).append(seq)
-            for (depth, m), group in rounds.items():
-                drafts, states = self.runner.greedy_drafts([seq.kv for seq in group], [seq.all_ids[-1] for seq in group],
-                                                           [seq.num_computed for seq in group], depth, m)
+                spec, stop_ids = seq.speculation, self._stop_ids(seq)
+                if spec.greedy(seq, stop_ids):  # and the verify too where it reads only argmaxes
+                    key = (spec.rule.draft_exit_layer, spec.length, seq.exit_layer if spec.whole(seq, stop_ids) else None)
+                    rounds.setdefault(key, []).append(seq)
+            for (depth, m, layers), group in rounds.items():
+                kvs, x0, starts = [seq.kv for seq in group], [seq.all_ids[-1] for seq in group], [seq.num_computed for seq in group]
+                if layers is not None:
+                    drafts, targets = self.runner.greedy_rounds(kvs, x0, starts, depth, layers, m)
+                    for seq, d, t in zip(group, drafts.tolist(), targets.tolist()):
+                        seq.speculation.take_round(d, t)
+                    continue
+                drafts, states = self.runner.greedy_drafts(kvs, x0, starts, depth, m)
                 for seq, d, st in zip(group, drafts.tolist(), states):
                     seq.speculation.take(d, st)
         while seqs := [seq for seq in seqs if not seq.finished and seq.speculation.drafting]:

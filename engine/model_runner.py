@@ -253,14 +253,32 @@ class ModelRunner:
         1..depth, the head at depth proposes the next token, which runs next, m times, writing KV
         at positions start..start + m - 1 of layers 1..depth. Returns the drafts long [n, m] and
         the layer-depth states [n, m, hidden] of the tokens they came from (for the verify)."""
-        width = -(-max(s + m for s in starts) // self.kv_cache.block_size)
-        tables = torch.stack([self._sequence_tables(kv, depth, width) for kv in kvs], 1).contiguous()
         cache = self.kv_cache
-        out = self.native_drafts(depth, m, tokens, starts, tables, cache.block_size, cache.k, cache.v,
-                                 self.rope_cos, self.rope_sin)
+        out = self.native_drafts(depth, m, tokens, starts, self._round_tables(kvs, starts, depth, m), cache.block_size,
+                                 cache.k, cache.v, self.rope_cos, self.rope_sin)
         for layer in range(1, depth + 1):
             self.blocks_run[layer] += m * len(kvs)
         return out
+
+    @torch.inference_mode()
+    def greedy_rounds(self, kvs: list[SequenceKV], tokens: list[int], starts: list[int], depth: int, layers: int,
+                      m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole greedy rounds (`native_drafts.round`): the drafts as greedy_drafts makes them,
+        then blocks depth+1..layers over x0, d1, .., d_m, writing KV at every layer for positions
+        start..start + m. Returns the drafts long [n, m] and the argmax at `layers` after each of
+        those positions, long [n, m + 1]: the full model's own tokens, for the caller to compare."""
+        cache = self.kv_cache
+        out = self.native_drafts.round(depth, layers, m, tokens, starts, self._round_tables(kvs, starts, layers, m + 1),
+                                       cache.block_size, cache.k, cache.v, self.rope_cos, self.rope_sin)
+        for layer in range(1, layers + 1):
+            self.blocks_run[layer] += (m + 1) * len(kvs)
+        return out
+
+    def _round_tables(self, kvs: list[SequenceKV], starts: list[int], depth: int, positions: int) -> torch.Tensor:
+        """Each sequence's cache blocks of layers 1..depth, long [depth, n, width], for `positions`
+        positions from its start."""
+        width = -(-max(s + positions for s in starts) // self.kv_cache.block_size)
+        return torch.stack([self._sequence_tables(kv, depth, width) for kv in kvs], 1).contiguous()
 
     # ---- leaving the batch -----------------------------------------------------------------
     def _exits(self, layer: int, h: torch.Tensor, live: list[_Live],

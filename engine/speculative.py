@@ -73,7 +73,7 @@ class Speculation:
         self.drafted = 0                          # drafted tokens verified so far
         self.accepted = 0                         # ... of which the full model agreed with
         self.last_round: tuple[int, int] | None = None  # (drafted, accepted) of the latest verify
-        self.verified: list[torch.Tensor] = []    # the latest verify's logits at L, one a token
+        self.verified: list[torch.Tensor | None] = []  # the latest verify's logits at L, one a token
         self.reset()
 
     def reset(self) -> None:
@@ -82,6 +82,7 @@ class Speculation:
         self.drafts: list[int] = []
         self.draft_probs: list[torch.Tensor] = []  # q of each draft (temperature > 0 only)
         self.states: list[Pending] = []           # layer-E states of x0, d1, ..
+        self.targets: list[int] | None = None     # a natively verified round: the full model's tokens
 
     def plan(self, seq: Sequence, room: int) -> int:
         """For the scheduler: start a round in this step, drafting at most `room` tokens (what
@@ -101,10 +102,12 @@ class Speculation:
         return len(self.drafts) < self.length
 
     # ---- the runner's rows -----------------------------------------------------------------
-    def next_row(self, seq: Sequence, stop_ids: Collection[int]) -> Row:
+    def next_row(self, seq: Sequence, stop_ids: Collection[int]) -> Row | None:
         """The runner's row for the round's next draft, or for its verify once drafting is done.
         Greedy rows whose logits nothing adjusts (`stop_ids`: what min_tokens masks) read only
-        argmaxes: they take the argmax-only head."""
+        argmaxes: they take the argmax-only head. None: the round is verified already (`take_round`)."""
+        if self.targets is not None:
+            return None
         m, E, L = len(self.drafts), self.rule.draft_exit_layer, seq.exit_layer
         token = self.drafts[-1] if m else seq.all_ids[-1]
         start = seq.num_computed + m
@@ -129,11 +132,21 @@ class Speculation:
         return (seq.params.temperature == 0 and self.rule.draft_confidence == 0
                 and not changes_logits(seq.params, seq.output_ids, stop_ids))
 
+    def whole(self, seq: Sequence, stop_ids: Collection[int]) -> bool:
+        """Whether the verify too reads nothing but the full model's argmaxes (greedy drafts, no
+        logprobs to record): the runner may run the whole round natively (`take_round`)."""
+        return self.greedy(seq, stop_ids) and seq.params.logprobs is None
+
     def take(self, drafts: list[int], states: torch.Tensor) -> None:
         """The round's drafts, from the runner's greedy draft loop, with the layer-E states of
         x0, d1, .., d_{m-1} [m, hidden]."""
         self.drafts = drafts
         self.states = [Pending(states, [self.rule.draft_exit_layer] * len(drafts))]
+
+    def take_round(self, drafts: list[int], targets: list[int]) -> None:
+        """A whole round from the runner's native greedy rounds: the drafts and the full model's
+        argmax after x0, d1, .., d_m (`verify` then compares them)."""
+        self.drafts, self.targets = drafts, targets
 
     def draft(self, seq: Sequence, result: RowResult,
               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
@@ -154,20 +167,25 @@ class Speculation:
                 float(torch.softmax(logits.double(), -1).max()) < self.rule.draft_confidence):
             self.length = len(self.drafts)
 
-    def verify(self, seq: Sequence, result: RowResult,
+    def verify(self, seq: Sequence, result: RowResult | None,
                adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[int]:
         """Verify the round from its verify row's result (the head at L after x0, d1, .., d_m,
-        computed in the step's one head call at L with the other rows' logits) and return the
-        tokens to emit, having moved the sequence's computed length past the accepted ones."""
-        logits = result.logits[seq.exit_layer].cpu()
-
-        def target(i: int) -> torch.Tensor:  # the full model's adjusted logits after position i
-            return adjust(logits[i], seq.output_ids + self.drafts[:i])
-
+        computed in the step's one head call at L with the other rows' logits), or from its
+        targets when it ran natively (`result` None), and return the tokens to emit, having moved
+        the sequence's computed length past the accepted ones."""
         params = seq.params
-        tokens = (_accept_greedy(self.drafts, target) if params.temperature == 0 else
-                  _accept_sampled(self.drafts, self.draft_probs, target, params, seq.generator))
-        self.verified = logits[:len(tokens)]  # each emitted token's logits, for its logprobs
+        if result is None:
+            tokens = _accept_greedy(self.drafts, self.targets.__getitem__)
+            self.verified = [None] * len(tokens)  # no logprobs: nothing reads the logits
+        else:
+            logits = result.logits[seq.exit_layer].cpu()
+
+            def target(i: int) -> torch.Tensor:  # the full model's adjusted logits after position i
+                return adjust(logits[i], seq.output_ids + self.drafts[:i])
+
+            tokens = (_accept_greedy(self.drafts, lambda i: int(torch.argmax(target(i)))) if params.temperature == 0
+                      else _accept_sampled(self.drafts, self.draft_probs, target, params, seq.generator))
+            self.verified = logits[:len(tokens)]  # each emitted token's logits, for its logprobs
         m = len(self.drafts)
         self.drafted += m
         self.accepted += len(tokens) - 1
@@ -178,16 +196,17 @@ class Speculation:
 
 
 # An acceptance rule takes the drafts and target(i), the full model's logits after position i
-# (asked for in order, only as far as the rule reads), and returns the round's tokens.
+# (asked for in order, only as far as the rule reads), and returns the round's tokens; the greedy
+# rule takes choice(i), the full model's token after position i.
 Target = Callable[[int], torch.Tensor]
 
 
-def _accept_greedy(drafts: list[int], target: Target) -> list[int]:
+def _accept_greedy(drafts: list[int], choice: Callable[[int], int]) -> list[int]:
     for i, d in enumerate(drafts):
-        token = int(torch.argmax(target(i)))
+        token = choice(i)
         if d != token:
             return drafts[:i] + [token]
-    return drafts + [int(torch.argmax(target(len(drafts))))]
+    return drafts + [choice(len(drafts))]
 
 
 def _accept_sampled(drafts: list[int], draft_probs: list[torch.Tensor], target: Target, params,

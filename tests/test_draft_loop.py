@@ -1,6 +1,7 @@
-"""The native greedy draft loop (engine/kernels/native/draft_loop.c): a speculative round's
-drafts are the reference model's greedy tokens at the draft exit, its KV is what full-depth
-processing writes at layers 1..E, and a row's drafts do not depend on the rows beside it."""
+"""The native greedy draft loop (engine/kernels/native/draft_loop.c): with an exact draft head, a
+speculative round's drafts are the reference model's greedy tokens at the draft exit, its KV is
+what full-depth processing writes at layers 1..E, and a row's drafts do not depend on the rows
+beside it. (The whole round, and the estimated draft head: tests/test_greedy_round.py.)"""
 
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ def prefilled(engine: LLMEngine, prompt: list[int], room: int) -> SequenceKV:
 
 @pytest.fixture(params=["float32 head", "screened head"])
 def head(request, model_and_engine, monkeypatch):
-    """The loop with either head: the float32 one (small heads), or the screened one's argmax."""
+    """The loop with either exact head: the float32 one (small heads), or the screened one's argmax."""
     _, engine = model_and_engine
     r, w = engine.runner, engine.weights
     monkeypatch.setattr(draft_loop, "SCREEN_ABOVE", 0 if request.param == "screened head" else 1 << 62)
     drafts = draft_loop.GreedyDrafts(r.native_blocks, w.embed_tokens, w.norm.weight, w.norm.eps, w.lm_head,
-                                     engine.backend.screened_head(w.lm_head))
+                                     engine.backend.screened_head(w.lm_head), estimate=False)
     assert (drafts._screened is not None) == (request.param == "screened head")
     monkeypatch.setattr(r, "native_drafts", drafts)
     return request.param
@@ -81,6 +82,7 @@ def test_drafts_are_the_reference_greedy_at_the_draft_exit_and_kv_is_full_depth(
 
 def test_a_rows_drafts_do_not_depend_on_its_batch(model_and_engine):
     _, engine = model_and_engine
+    assert engine.runner.native_drafts.estimated, "the engine's drafts take the estimated head"
     alone = []
     for p in PROMPTS:
         kv = prefilled(engine, p, 5)
@@ -94,28 +96,34 @@ def test_a_rows_drafts_do_not_depend_on_its_batch(model_and_engine):
         engine.kv_cache.release(kv)
 
 
-def test_engine_drafts_greedy_rounds_in_the_native_loop(model_and_engine):
+@pytest.mark.parametrize("logprobs", [None, 0])
+def test_engine_drafts_greedy_rounds_in_the_native_loop(model_and_engine, logprobs):
     """Greedy rounds of different E and k in one batch take the loop (one call per (E, m)), and
-    still emit the full model's tokens; sampled rounds keep the runner's draft rows."""
+    still emit the full model's tokens: whole rounds natively, or, where logprobs are recorded,
+    the drafts alone (the runner's verify row gives the logits)."""
     model, engine = model_and_engine
     L = model.config.num_hidden_layers
-    calls, drafted = [], engine.runner.greedy_drafts
+    runner, calls = engine.runner, []
+    drafted, whole = runner.greedy_drafts, runner.greedy_rounds
 
-    def spy(kvs, tokens, starts, depth, m):
-        calls.append((len(kvs), depth, m))
-        return drafted(kvs, tokens, starts, depth, m)
-    engine.runner.greedy_drafts = spy
+    def spy(fn):
+        def call(kvs, tokens, starts, depth, *rest):
+            calls.append((fn.__name__, len(kvs), depth, rest[-1]))
+            return fn(kvs, tokens, starts, depth, *rest)
+        return call
+    runner.greedy_drafts, runner.greedy_rounds = spy(drafted), spy(whole)
     try:
-        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        params = SamplingParams(max_tokens=20, ignore_eos=True, logprobs=logprobs)
         seqs = [engine.add_request(p, params, speculative=SpeculativeRule(e, k))
                 for p in PROMPTS for e, k in ((1, 3), (2, 2), (2, 2))]
         while engine.has_unfinished():
             engine.step()
     finally:
-        engine.runner.greedy_drafts = drafted
+        runner.greedy_drafts, runner.greedy_rounds = drafted, whole
     for seq in seqs:
         assert seq.output_ids == ref_greedy(model, seq.prompt_ids, L, 20)
-    assert any(n > 1 for n, _, _ in calls), "rounds of one (E, m) share a call"
-    assert {depth for _, depth, _ in calls} == {1, 2}
+    assert {name for name, *_ in calls} == {"greedy_rounds" if logprobs is None else "greedy_drafts"}
+    assert any(n > 1 for _, n, _, _ in calls), "rounds of one (E, m) share a call"
+    assert {depth for _, _, depth, _ in calls} == {1, 2}
     assert sum(seq.speculation.drafted for seq in seqs) > 0
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks

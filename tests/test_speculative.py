@@ -48,12 +48,15 @@ def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_ex
                            if r.keep_states or r.pending is not None)
         return forward(rows)
     engine.runner.forward = spy
-    if engine.runner.native_drafts is not None:  # greedy rounds draft in one native loop
-        drafts = engine.runner.greedy_drafts
+    native = engine.runner.native_drafts is not None
+    if native:  # greedy rounds run natively; where logprobs are recorded, their drafts alone
+        drafts, whole = engine.runner.greedy_drafts, engine.runner.greedy_rounds
         engine.runner.greedy_drafts = lambda *a: argmax_only.add(("draft", "native loop")) or drafts(*a)
+        engine.runner.greedy_rounds = lambda *a: argmax_only.add(("round", "native")) or whole(*a)
     rejected = accepted = 0
-    for k, confidence in ((1, 0.0), (3, 0.0), (8, 0.0), (8, 0.9)):
-        seq = engine.add_request(PROMPT, GREEDY, speculative=SpeculativeRule(draft_exit, k, confidence))
+    for k, confidence, logprobs in ((1, 0.0, None), (3, 0.0, None), (8, 0.0, None), (8, 0.9, None), (3, 0.0, 0)):
+        params = replace(GREEDY, logprobs=logprobs)
+        seq = engine.add_request(PROMPT, params, speculative=SpeculativeRule(draft_exit, k, confidence))
         before = list(engine.runner.blocks_run)
         steps = 0
         while engine.has_unfinished():
@@ -61,6 +64,8 @@ def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_ex
             steps += 1
         spec = seq.speculation
         assert seq.output_ids == full.output_ids, f"E={draft_exit} k={k}"
+        if logprobs is not None:  # from the verify's logits at L
+            assert seq.logprobs == full.logprobs
         assert seq.exit_layers == [L] * len(seq.output_ids) and seq.exit_label == "speculative"
         rejected += spec.drafted - spec.accepted
         accepted += spec.accepted
@@ -73,10 +78,10 @@ def test_greedy_equals_full_depth_for_every_draft_exit_and_length(sure, draft_ex
             assert spec.drafted < k * rounds
     assert accepted and rejected, "the test needs both accepted and rejected drafts"
     # Greedy drafts and verifies read only argmaxes, except where draft_confidence reads a draft's
-    # distribution: the argmax-only head (the full-depth reference used the full head), or the
-    # native draft loop for the drafts.
-    greedy_drafts = ("draft", "native loop" if engine.runner.native_drafts is not None else True)
-    assert argmax_only == {greedy_drafts, ("draft", False), ("verify", True)}
+    # distribution or logprobs are recorded: the argmax-only head (the full-depth reference used
+    # the full head), or natively the whole round, or the drafts alone.
+    both = {("draft", False), ("verify", True), ("verify", False)}
+    assert argmax_only == both | ({("round", "native"), ("draft", "native loop")} if native else {("draft", True)})
     assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
 
 

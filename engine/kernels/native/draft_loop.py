@@ -1,5 +1,7 @@
 """ctypes binding of draft_loop.c: a speculative round's greedy drafts, every draft of every row
-in one native call (blocks 1..E, the final norm, the head's argmax, the next token's embedding)."""
+in one native call (blocks 1..E, the final norm, the draft head's argmax, the next token's
+embedding), or the whole greedy round (the drafts, then blocks E+1..L over every drafted position
+and the exact head's argmax at each: the full model's tokens, for the caller to compare)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .screened_head import ScreenedHead
 class _Head(ctypes.Structure):
     _fields_ = [("norm", ctypes.c_void_p), ("eps", ctypes.c_double), ("weight", ctypes.c_void_p),
                 ("vocab", ctypes.c_int64), ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("bounds", ctypes.c_void_p), ("norm_max", ctypes.c_double)]
+                ("bounds", ctypes.c_void_p), ("norm_max", ctypes.c_double), ("approx", ctypes.c_int64)]
 
 
 # A float32 head this small stays in the caches and its full product is quicker than screening
@@ -24,20 +26,43 @@ SCREEN_ABOVE = 16 << 20
 
 class GreedyDrafts:
     """The draft loop of a model whose blocks run natively: its embedding, final RMSNorm weight
-    and float32 head, and the screened head's 8-bit copy when there is one and the head is large
-    (the argmax is the float32 head's either way)."""
+    and float32 head, and the screened head's 8-bit copy when there is one.
+
+    Exact argmaxes (a round's verify; drafts with `estimate` False) are the float32 head's, read
+    through the screened copy when the head is large. With `estimate` (and a copy), drafts take
+    the argmax of the copy's level-1 estimate instead (draft_head.c): a greedy draft is kept only
+    where the full model's exact argmax equals it, so the output stays the full model's, and the
+    draft head reads 3/16 of the float32 head's bytes."""
 
     def __init__(self, blocks: DecodeBlocks, embed: torch.Tensor, norm: torch.Tensor, eps: float,
-                 lm_head: torch.Tensor, screened: ScreenedHead | None):
+                 lm_head: torch.Tensor, screened: ScreenedHead | None, estimate: bool = True):
         self.blocks, self.embed = blocks, embed
-        self._norm = norm.float().contiguous()  # kept: the struct points into these tensors
-        big = lm_head.numel() * lm_head.element_size() > SCREEN_ABOVE
-        self._screened = screened if big and screened is not None and screened.usable else None
-        s = self._screened
-        self._head = _Head(self._norm.data_ptr(), eps, lm_head.data_ptr(), lm_head.shape[0],
-                           *((s.codes.data_ptr(), s.scale.data_ptr(), s.bounds.data_ptr(), s.norm_max)
-                             if s is not None else (None, None, None, 0.0)))
+        self._norm, self._eps = norm.float().contiguous(), eps  # kept: the structs point into these
         self._lm_head = lm_head
+        copy = screened if screened is not None and screened.usable else None
+        big = lm_head.numel() * lm_head.element_size() > SCREEN_ABOVE
+        self._screened = copy if big else None
+        self.estimated = estimate and copy is not None
+        self._copy = copy  # kept too: the draft head reads its codes
+        self._head = self._struct(self._screened, False)
+        self._draft_head = self._struct(copy, True) if self.estimated else self._head
+
+    def _struct(self, copy: ScreenedHead | None, approx: bool) -> _Head:
+        codes = (copy.codes.data_ptr(), copy.scale.data_ptr(), copy.bounds.data_ptr(), copy.norm_max) \
+            if copy is not None else (None, None, None, 0.0)
+        return _Head(self._norm.data_ptr(), self._eps, self._lm_head.data_ptr(),
+                     self._lm_head.shape[0], *codes, int(approx))
+
+    def draft_argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """The estimated draft head's argmax of each normed row of x float32 [n, hidden] (-1
+        where the estimate cannot be had: the loop then takes the exact head). Needs `estimated`."""
+        x = x.float().contiguous()
+        kp = -(-x.shape[1] // 64) * 64
+        xq, xs = torch.empty(kp, dtype=torch.int16), torch.empty(2 * kp, dtype=torch.int8)
+        c = self._copy
+        return torch.tensor([self.blocks.lib.bitskip_draft_head_argmax(
+            row.data_ptr(), x.shape[1], c.codes.data_ptr(), c.scale.data_ptr(), self._lm_head.shape[0],
+            xq.data_ptr(), xs.data_ptr()) for row in x])
 
     def __call__(self, depth: int, m: int, tokens: list[int], starts: list[int], tables: torch.Tensor,
                  block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor, rope_cos: torch.Tensor,
@@ -46,15 +71,35 @@ class GreedyDrafts:
         1..depth; tables long [depth, rows, width] contiguous. Returns the drafts long [rows, m]
         and the layer-`depth` states float32 [rows, m, hidden] of the tokens they came from."""
         n, hidden = len(tokens), self.embed.shape[1]
-        token = torch.tensor(tokens, dtype=torch.long)
-        position = torch.tensor(starts, dtype=torch.long)
+        token, position = torch.tensor(tokens, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
         drafts = torch.empty(n, m, dtype=torch.long)
         states = torch.empty(n, m, hidden, dtype=torch.float32)
         b = self.blocks
         if b.lib.bitskip_draft_greedy(
                 b._base, depth, n, m, token.data_ptr(), position.data_ptr(), tables.data_ptr(),
                 tables.shape[2], block_size, cache_k.data_ptr(), cache_v.data_ptr(), rope_cos.data_ptr(),
-                rope_sin.data_ptr(), self.embed.data_ptr(), hidden, ctypes.byref(self._head),
+                rope_sin.data_ptr(), self.embed.data_ptr(), hidden, ctypes.byref(self._draft_head),
                 drafts.data_ptr(), states.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("native draft loop: out of memory for its buffers")
         return drafts, states
+
+    def round(self, depth: int, layers: int, m: int, tokens: list[int], starts: list[int], tables: torch.Tensor,
+              block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor, rope_cos: torch.Tensor,
+              rope_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A greedy round of each row (x0 = tokens[r] at starts[r]): m drafts through blocks
+        1..depth, then the verify through blocks depth+1..layers, KV written at every layer for
+        positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous. Returns
+        the drafts long [rows, m] and the full model's argmax after x0, d1, .., d_m, long [rows, m + 1]."""
+        n = len(tokens)
+        token, position = torch.tensor(tokens, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+        drafts = torch.empty(n, m, dtype=torch.long)
+        targets = torch.empty(n, m + 1, dtype=torch.long)
+        b = self.blocks
+        if b.lib.bitskip_round_greedy(
+                b._base, b._base + depth * b._size, depth, layers - depth, n, m, token.data_ptr(),
+                position.data_ptr(), tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(),
+                cache_v.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(),
+                self.embed.shape[1], ctypes.byref(self._draft_head), ctypes.byref(self._head),
+                drafts.data_ptr(), targets.data_ptr(), torch.get_num_threads()) != 0:
+            raise MemoryError("native greedy round: out of memory for its buffers")
+        return drafts, targets
