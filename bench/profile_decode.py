@@ -43,6 +43,7 @@ def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int) -> 
 
     blocks = runner.native_blocks
     runner._block, runner.head = timed("block", runner._block), timed("head", runner.head)
+    runner.greedy_head = timed("head", runner.greedy_head)
     if blocks is not None:
         runner.native_blocks = timed("block", blocks)
     seqs = [engine.add_request(list(range(32)), SamplingParams(max_tokens=new_tokens, ignore_eos=True),
@@ -58,7 +59,7 @@ def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int) -> 
     total = time.perf_counter() - t0
     if lib is not None:
         lib.bitskip_decode_profile(0, timers)
-    del runner._block, runner.head  # back to the methods
+    del runner._block, runner.head, runner.greedy_head  # back to the methods
     runner.native_blocks = blocks
     steps = (sum(len(s.output_ids) for s in seqs) - done0) / batch
     per_block = 1e3 / steps / exit_layer

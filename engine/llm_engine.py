@@ -18,7 +18,7 @@ from .device_sampler import sample_batch
 from .exit_policy import ConfidenceRule
 from .kv_cache import KVCache, SequenceKV
 from .logprobs import logprobs_of, record_prompt_logprobs
-from .model_runner import ModelRunner, Row
+from .model_runner import ModelRunner, Row, RowResult
 from .perplexity import PerplexityResult, Scoring
 from .sampler import adjust_logits, reads_only_argmax, sample
 from .scheduler import Scheduler
@@ -253,7 +253,7 @@ class LLMEngine:
         rows = [None if seq.finished else self._row(seq, n) for seq, n in batch]
         computed = [r for r in rows if r is not None]
         results = iter(self.runner.forward(computed) if computed else [])
-        drawn = []  # (sequence, logits of its next token, exit layer)
+        drawn = []  # (sequence, its row's result: the logits of its next token, or the token)
         for (seq, n), row in zip(batch, rows):
             if seq.finished:  # failed while drafting
                 continue
@@ -276,12 +276,13 @@ class LLMEngine:
                 except Exception as e:
                     outputs.append(self._failed(seq, e))
             elif seq.num_computed == seq.num_tokens:
-                drawn.append((seq, res.logits[res.exit_layer][-1], res.exit_layer))
-        for (seq, logits, exit_layer), token in zip(drawn, self._sample(drawn)):
+                drawn.append((seq, res))
+        for (seq, res), token in zip(drawn, self._sample(drawn)):
             try:
                 if isinstance(token, Exception):
                     raise token
-                outputs.append(self._append_token(seq, token, logits, exit_layer))
+                logits = res.logits[res.exit_layer][-1] if res.token is None else None
+                outputs.append(self._append_token(seq, token, logits, res.exit_layer))
             except Exception as e:
                 outputs.append(self._failed(seq, e))
         return outputs
@@ -307,17 +308,18 @@ class LLMEngine:
         p = seq.params
         return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
 
-    def _sample(self, drawn: list[tuple[Sequence, torch.Tensor, int]]) -> list[int | Exception]:
+    def _sample(self, drawn: list[tuple[Sequence, RowResult]]) -> list[int | Exception]:
         """Each row's token from its adjusted logits (penalties, bias, min_tokens): on the device
         for the whole batch when the backend computes there (engine/device_sampler.py), else row
-        by row from each request's generator."""
-        rows: list[torch.Tensor | Exception] = []
-        for seq, logits, _ in drawn:
+        by row from each request's generator. Greedy rows whose head drew the token keep it."""
+        rows: list[torch.Tensor | int | Exception] = []
+        for seq, res in drawn:
             try:
-                rows.append(adjust_logits(logits, seq.params, seq.prompt_ids, seq.output_ids, self._stop_ids(seq)))
+                rows.append(res.token if res.token is not None else adjust_logits(
+                    res.logits[res.exit_layer][-1], seq.params, seq.prompt_ids, seq.output_ids, self._stop_ids(seq)))
             except Exception as e:
                 rows.append(e)
-        ok = [i for i, r in enumerate(rows) if not isinstance(r, Exception)]
+        ok = [i for i, r in enumerate(rows) if isinstance(r, torch.Tensor)]
         if self.backend.sample_on_device and ok:
             seqs = [drawn[i][0] for i in ok]
             try:
@@ -329,9 +331,9 @@ class LLMEngine:
                 rows[i] = token
             return rows
         out: list[int | Exception] = []
-        for (seq, _, _), row in zip(drawn, rows):
+        for (seq, _), row in zip(drawn, rows):
             try:
-                out.append(row if isinstance(row, Exception) else sample(row, seq.params, seq.generator))
+                out.append(sample(row, seq.params, seq.generator) if isinstance(row, torch.Tensor) else row)
             except Exception as e:
                 out.append(e)
         return out

@@ -1,10 +1,11 @@
 """The native CPU kernels (ternary.c: the packed projection; decode_block.c: decoder blocks for
 cached rows, with attention.c and team.h; head.c: the float32 head; head_screen.c: its argmax from
-an 8-bit copy read in two levels, head_codes.c; draft_loop.c: a speculative round's greedy drafts
-or whole greedy round, draft_head.c: a draft's estimated argmax): built with the system C compiler
-into a cache directory the first time it is needed (or at install time: `python -m
-engine.kernels.native`), loaded with ctypes. It is compiled against
-raw buffers only (no torch headers), so building it never needs pip or a build environment.
+an 8-bit copy read in two levels, head_codes.c; head_step.c: the head from the blocks' states, norm
+and argmax included; draft_loop.c: a speculative round's greedy drafts or whole greedy round,
+draft_head.c: a draft's estimated argmax): built with the system C compiler into a cache directory
+the first time it is needed (or at install time: `python -m engine.kernels.native`), loaded with
+ctypes. It is compiled against raw buffers only (no torch headers), so building it never needs pip
+or a build environment.
 
 Without a compiler (or with BITSKIP_NATIVE=0) `library()` returns None and says why in one log
 line; the CPU backend then uses its torch path, which computes the same integers.
@@ -28,7 +29,8 @@ log = logging.getLogger("bitskip.kernels")
 
 HERE = Path(__file__).parent
 SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "attention.c", HERE / "head.c",
-           HERE / "head_screen.c", HERE / "head_codes.c", HERE / "draft_loop.c", HERE / "draft_head.c"]
+           HERE / "head_screen.c", HERE / "head_codes.c", HERE / "head_step.c", HERE / "draft_loop.c",
+           HERE / "draft_head.c"]
 HEADERS = [HERE / "ternary.h", HERE / "attention.h", HERE / "team.h", HERE / "head.h",
            HERE / "head_codes.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
@@ -92,6 +94,10 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_head_screen_build.restype = ctypes.c_int
     lib.bitskip_head_screened.argtypes = [p, i64, i64, p, p, p, p, ctypes.c_double, i64, p, ctypes.c_int]
     lib.bitskip_head_screened.restype = i64
+    lib.bitskip_head_greedy.argtypes = [p, p, i64, i64, p, p, p, ctypes.c_int]
+    lib.bitskip_head_greedy.restype = i64
+    lib.bitskip_head_logits.argtypes = [p, p, i64, i64, p, p, ctypes.c_int]
+    lib.bitskip_head_logits.restype = None
     lib.bitskip_draft_greedy.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, p, p, p,
                                          ctypes.c_int]
     lib.bitskip_draft_greedy.restype = ctypes.c_int

@@ -35,20 +35,6 @@ void bitskip_rms_norm(const float *x, const float *w, int64_t k, double eps, flo
 int64_t bitskip_draft_head_argmax(const float *x, int64_t K, const uint8_t *codes, const float *scale,
                                   int64_t V, int16_t *xq, int8_t *xs);
 
-/* The head, shared by every exit. codes NULL: the float32 head, every logit computed; codes set:
- * the screened head's exact argmax, or with approx its level-1 estimate's (drafts only). */
-typedef struct {
-    const float *norm;            /* the final RMSNorm's weight [hidden] */
-    double eps;
-    const float *weight;          /* float32 [vocab, hidden] */
-    int64_t vocab;
-    const uint8_t *codes;         /* the screened head's 8-bit copy (screened_head.py), or NULL */
-    const float *scale;
-    const double *bounds;
-    double norm_max;
-    int64_t approx;
-} Head;
-
 /* Buffers of a call over at most `rows` hidden states at once. */
 typedef struct {
     float *x, *logits;

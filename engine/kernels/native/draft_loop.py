@@ -10,18 +10,8 @@ import ctypes
 import torch
 
 from .block import DecodeBlocks
+from .head_step import SCREEN_ABOVE, HeadStruct as _Head
 from .screened_head import ScreenedHead
-
-
-class _Head(ctypes.Structure):
-    _fields_ = [("norm", ctypes.c_void_p), ("eps", ctypes.c_double), ("weight", ctypes.c_void_p),
-                ("vocab", ctypes.c_int64), ("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("bounds", ctypes.c_void_p), ("norm_max", ctypes.c_double), ("approx", ctypes.c_int64)]
-
-
-# A float32 head this small stays in the caches and its full product is quicker than screening
-# (default model, 4096 x 128: 50 us vs 74 us a row); larger ones screen with the 8-bit copy.
-SCREEN_ABOVE = 16 << 20
 
 
 class GreedyDrafts:
