@@ -304,9 +304,11 @@ class LLMEngine:
         self._finish(seq)
         return StepOutput(seq, None, "", True)
 
-    def _stop_ids(self, seq: Sequence) -> set[int]:
-        p = seq.params
-        return set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+    def _stop_ids(self, seq: Sequence) -> frozenset[int]:
+        if seq.stop_ids is None:  # once a request: its params never change
+            p = seq.params
+            seq.stop_ids = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_ids)
+        return seq.stop_ids
 
     def _sample(self, drawn: list[tuple[Sequence, RowResult]]) -> list[int | Exception]:
         """Each row's token from its adjusted logits (penalties, bias, min_tokens): on the device
@@ -354,7 +356,7 @@ class LLMEngine:
             heads = seq.scoring.heads
             if not self.model_config.causal:
                 return Row(seq.all_ids, 0, depth, None, heads) if completes else None
-            return Row(seq.all_ids[seq.num_computed:seq.num_computed + n], seq.num_computed, depth, seq.kv, heads)
+            return Row(seq.ids(seq.num_computed, seq.num_computed + n), seq.num_computed, depth, seq.kv, heads)
         scoring = seq.wants_prompt_logprobs
         if not self.model_config.causal:
             if not completes:
@@ -363,7 +365,7 @@ class LLMEngine:
                        None if scoring else seq.confidence)
         if seq.speculation is not None and seq.speculation.length:
             return seq.speculation.next_row(seq, self._stop_ids(seq))  # the round's verify
-        tokens = seq.all_ids[seq.num_computed:seq.num_computed + n]
+        tokens = seq.ids(seq.num_computed, seq.num_computed + n)
         if scoring:
             return Row(tokens, seq.num_computed, depth, seq.kv, {depth: "all"})
         if seq.confidence is not None and not completes:

@@ -81,7 +81,10 @@ class Scheduler:
         self._release(seq)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
-        return self.kv_cache is None or self.kv_cache.reserve(seq.kv, seq.exit_layer, seq.num_computed + n)
+        kv = seq.kv  # most steps: the blocks are there already (every layer holds `capacity` positions)
+        if self.kv_cache is None or (kv.num_layers >= seq.exit_layer and kv.capacity >= seq.num_computed + n):
+            return True
+        return self.kv_cache.reserve(kv, seq.exit_layer, seq.num_computed + n)
 
     def _release(self, seq: Sequence) -> None:
         if self.kv_cache is not None:

@@ -104,6 +104,7 @@ class Sequence:
     kv: SequenceKV = field(default_factory=SequenceKV)
     pending: Pending | None = None                        # confidence: tokens whose KV stops below L
     scoring: Scoring | None = None                        # a perplexity request: its windows are the prompt
+    stop_ids: frozenset[int] | None = None                # EOS and stop_token_ids (the engine's, once)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -126,6 +127,13 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def ids(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end], without joining the two lists (a decode step's one token)."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p:end - p]
+        return self.prompt_ids[start:end] + self.output_ids[:max(0, end - p)]
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,8 @@ from engine.detokenizer import Detokenizer
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.sampler import sample
 from engine.sequence import SamplingParams, Status
+from models.checkpoint import load_checkpoint
+from models.default_model import BUNDLED
 from models.tokenizer import EOS_ID, byte_level_tokenizer
 
 from conftest import reference_model, write_packed
@@ -424,6 +426,29 @@ def test_detokenizer_release_matches_final_text_on_random_bytes():
                 break
         assert released == cur
         assert all(s not in released for s in stop)
+
+
+def test_detokenizer_text_equals_decoding_the_whole_output_each_time():
+    """It decodes only the tokens after the last one ending in an ASCII byte: the text must be
+    the full decode's at every length (multi-byte characters split across tokens, invalid bytes,
+    special and added tokens, on the byte tokenizer and the bundled BPE)."""
+    from tokenizers import AddedToken
+
+    bpe = load_checkpoint(BUNDLED).tokenizer
+    bpe.add_tokens([AddedToken("<x>", special=False)])  # a non-special added token: decoded as text
+    gen = torch.Generator().manual_seed(1)
+    for tok in (byte_level_tokenizer(), bpe):
+        vocab = tok.get_vocab_size()
+        for trial in range(20):
+            codes = torch.randint(32, 0x2100, (30,), generator=gen)
+            text = "".join(chr(int(c) if c > 0x1000 else 32 + int(c) % 95) for c in codes)  # ASCII and not
+            ids = tok.encode(text, add_special_tokens=False).ids
+            for _ in range(4):  # random ids: invalid UTF-8, special and added tokens
+                ids.insert(int(torch.randint(0, len(ids), (1,), generator=gen)), int(torch.randint(0, vocab, (1,), generator=gen)))
+            d = Detokenizer(tok)
+            for j in range(1, len(ids) + 1):
+                assert d.update(ids[:j])[0] == tok.decode(ids[:j], skip_special_tokens=True)
+            assert d._fixed > 0, "nothing was kept: the test would not test the incremental decode"
 
 
 # ---- abort ------------------------------------------------------------------------------------
