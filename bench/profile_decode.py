@@ -29,15 +29,16 @@ from models.checkpoint import load_checkpoint  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int) -> dict[str, float]:
+def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int,
+            clock=time.perf_counter) -> dict[str, float]:
     runner, spent = engine.runner, {"block": 0.0, "head": 0.0}
     lib, timers = native.library(), (ctypes.c_double * 3)()
 
     def timed(name, fn):
         def call(*args):
-            t = time.perf_counter()
+            t = clock()
             out = fn(*args)
-            spent[name] += time.perf_counter() - t
+            spent[name] += clock() - t
             return out
         return call
 
@@ -53,10 +54,10 @@ def profile(engine: LLMEngine, batch: int, exit_layer: int, new_tokens: int) -> 
     spent.update(block=0.0, head=0.0)
     if lib is not None:
         lib.bitskip_decode_profile(1, None)
-    t0, done0 = time.perf_counter(), sum(len(s.output_ids) for s in seqs)
+    t0, done0 = clock(), sum(len(s.output_ids) for s in seqs)
     while engine.has_unfinished():
         engine.step()
-    total = time.perf_counter() - t0
+    total = clock() - t0
     if lib is not None:
         lib.bitskip_decode_profile(0, timers)
     del runner._block, runner.head, runner.greedy_head  # back to the methods
@@ -82,6 +83,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--general", action="store_true", help="also the general (torch) path")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time by the main thread's CPU time (time.thread_time), not the wall clock: the "
+                         "single-threaded parts (the Python, a small head) stay out of a busy machine's noise; "
+                         "multi-threaded parts (blocks, a large head) count the main thread's share only")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "profile_decode.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,13 +100,14 @@ def main() -> None:
         engine = LLMEngine(load_checkpoint(path), EngineConfig(max_num_seqs=max(batches), num_threads=args.threads))
         results = run(engine, batches, args)
     write_json({"benchmark": "profile_decode", "model": str(args.model or args.preset), "threads": args.threads,
+                "clock": "main-thread CPU" if args.cpu_time else "wall",
                 "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "results": results}, args.json)
 
 
 def run(engine: LLMEngine, batches: list[int], args) -> list[dict]:
     L = engine.model_config.num_hidden_layers
     native_blocks, results = engine.runner.native_blocks, []
-    print(f"exit {L}, {args.threads} threads; ms per step, per block (native: ternary kernel, attention, "
+    print(f"exit {L}, {args.threads} threads{', main-thread CPU time' if args.cpu_time else ''}; ms per step, per block (native: ternary kernel, attention, "
           "other C: norms/quantizers/elementwise, the call from Python), head, rest of the step")
     cols = ("step_ms", "block_ms", "kernel_ms", "attention_ms", "other_c_ms", "call_ms", "head_ms", "rest_ms")
     print(f"{'path':>8} {'batch':>5} {'tok/s':>7} " + " ".join(f"{c[:-3]:>9}" for c in cols))
@@ -109,7 +115,7 @@ def run(engine: LLMEngine, batches: list[int], args) -> list[dict]:
         profile(engine, b, L, 4)  # warm-up
         for name, blocks in (("native", native_blocks), ("general", None))[:2 if args.general else 1]:
             engine.runner.native_blocks = blocks
-            p = profile(engine, b, L, args.new_tokens)
+            p = profile(engine, b, L, args.new_tokens, time.thread_time if args.cpu_time else time.perf_counter)
             results.append({"path": name, "batch": b, "tokens_per_s": 1e3 * b / p["step_ms"], **p})
             print(f"{name:>8} {b:>5} {1e3 * b / p['step_ms']:>7.1f} "
                   + " ".join(f"{p[c]:>9.3f}" if c in p else f"{'':>9}" for c in cols))

@@ -11,7 +11,6 @@ import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kernels import native
-from engine.kernels.native import head_step
 from engine.kernels.native.screened_head import ScreenedHead
 from models.checkpoint import load_checkpoint
 from models.default_model import BUNDLED
@@ -132,7 +131,6 @@ def test_a_row_alone_equals_the_row_in_a_batch(lib, threads):
 def generate(ckpt, monkeypatch, screen: bool):
     """Greedy rows at several depths beside rows that read every logit (logprobs, sampling)."""
     monkeypatch.setenv("BITSKIP_HEAD_SCREEN", "1" if screen else "0")
-    monkeypatch.setattr(head_step, "SCREEN_ABOVE", 0)  # these small heads screen too
     engine = LLMEngine(ckpt, EngineConfig(max_num_seqs=6))
     vocab, L = ckpt.config.vocab_size, ckpt.config.num_hidden_layers
     prompts = [[(31 * i + 7 * j) % vocab for j in range(3 + 2 * i)] for i in range(6)]
