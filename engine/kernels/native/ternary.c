@@ -80,51 +80,6 @@ __attribute__((target("avx2"))) static inline int32_t hsum_epi32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* mr is a constant at each call site, so the accumulators live in registers; the weight row is
- * unpacked once for its mr activation rows. */
-__attribute__((target("avx2"), always_inline)) static inline void
-pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, int32_t *out, int64_t ldo,
-            int64_t n) {
-    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i acc[MR], part[MR];
-    const int8_t *rows[MR];  /* once a pass: per group it cost a reload and a multiply a row */
-    for (int i = 0; i < mr; i++) rows[i] = x->a + (m0 + i) * x->stride;
-    for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_si256();
-    for (int64_t g0 = 0; g0 < p->groups; g0 += FLUSH_GROUPS) {
-        int64_t g1 = g0 + FLUSH_GROUPS < p->groups ? g0 + FLUSH_GROUPS : p->groups;
-        for (int i = 0; i < mr; i++) part[i] = _mm256_setzero_si256();
-        for (int64_t g = g0; g < g1; g++) {
-            _mm_prefetch((const char *)pass_group(p, g) + PREFETCH, _MM_HINT_T0);
-            __m256i wv = _mm256_loadu_si256((const __m256i *)pass_group(p, g));
-            __m256i p0 = _mm256_and_si256(wv, three);
-            __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
-            __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
-            __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
-            for (int i = 0; i < mr; i++) {
-                const int8_t *a = rows[i] + g * GROUP;
-                __m256i s0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
-                __m256i s1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
-                __m256i s2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
-                __m256i s3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
-                part[i] = _mm256_add_epi16(part[i], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
-                                                                     _mm256_add_epi16(s2, s3)));
-            }
-        }
-        for (int i = 0; i < mr; i++) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
-    }
-    for (int i = 0; i < mr; i++) out[(m0 + i) * ldo + n] = hsum_epi32(acc[i]) - x->sum[m0 + i];
-}
-
-__attribute__((target("avx2"))) static void
-pass_avx2(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int32_t *out, int64_t ldo, int64_t n) {
-    switch (mr) {
-    case 4: pass_avx2_n(p, x, m0, 4, out, ldo, n); break;
-    case 3: pass_avx2_n(p, x, m0, 3, out, ldo, n); break;
-    case 2: pass_avx2_n(p, x, m0, 2, out, ldo, n); break;
-    default: pass_avx2_n(p, x, m0, 1, out, ldo, n); break;
-    }
-}
-
 /* One activation row (M = 1, the steady state of decoding) against rows whose width is whole
  * groups. Unpacking is cheaper than pass_avx2_n's: one shift serves two planes, and planes 1 and 3
  * are taken in place (the and-mask 0x0C leaves 4 * code, so no shift), summed in their own int16
@@ -159,6 +114,13 @@ __attribute__((target("avx2"))) static inline __m256i row_m1(const uint8_t *w, c
     return acc;
 }
 
+/* The four rows' sums of r0..r3 (each eight int32 lanes) in one hadd tree. */
+__attribute__((target("avx2"), always_inline)) static inline __m128i hsum4(__m256i r0, __m256i r1, __m256i r2,
+                                                                            __m256i r3) {
+    __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r0, r1), _mm256_hadd_epi32(r2, r3));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 /* out[n] = row n . a - sum for n in [0, count), the rows contiguous from w (row_bytes apart),
  * reduced four rows at a time (one hadd tree for four rows' sums). */
 __attribute__((target("avx2"))) static void rows_m1_avx2(const uint8_t *w, int64_t row_bytes,
@@ -168,11 +130,118 @@ __attribute__((target("avx2"))) static void rows_m1_avx2(const uint8_t *w, int64
     for (; n + 4 <= count; n += 4) {
         __m256i r0 = row_m1(w + n * row_bytes, a, groups), r1 = row_m1(w + (n + 1) * row_bytes, a, groups);
         __m256i r2 = row_m1(w + (n + 2) * row_bytes, a, groups), r3 = row_m1(w + (n + 3) * row_bytes, a, groups);
-        __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(r0, r1), _mm256_hadd_epi32(r2, r3));
-        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-        _mm_storeu_si128((__m128i *)(out + n), _mm_sub_epi32(s, _mm_set1_epi32(sum)));
+        _mm_storeu_si128((__m128i *)(out + n), _mm_sub_epi32(hsum4(r0, r1, r2, r3), _mm_set1_epi32(sum)));
     }
     for (; n < count; n++) out[n] = hsum_epi32(row_m1(w + n * row_bytes, a, groups)) - sum;
+}
+
+/* One weight row (a pass's) against mr activation rows (mr a constant at each call site, so the
+ * accumulators live in registers): the row is unpacked once for all of them. acc[i]: row i's
+ * int32 lanes, summed by the caller. */
+__attribute__((target("avx2"), always_inline)) static inline void
+row_mr(const Pass *p, const int8_t *const *rows, const int mr, __m256i *acc) {
+    int64_t groups = p->groups;
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i part[MR];
+    for (int i = 0; i < mr; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t g0 = 0; g0 < groups; g0 += FLUSH_GROUPS) {
+        int64_t g1 = g0 + FLUSH_GROUPS < groups ? g0 + FLUSH_GROUPS : groups;
+        for (int i = 0; i < mr; i++) part[i] = _mm256_setzero_si256();
+        for (int64_t g = g0; g < g1; g++) {
+            const uint8_t *wg = pass_group(p, g);
+#if PREFETCH
+            _mm_prefetch((const char *)wg + PREFETCH, _MM_HINT_T0);
+#endif
+            __m256i wv = _mm256_loadu_si256((const __m256i *)wg);
+            __m256i p0 = _mm256_and_si256(wv, three);
+            __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(wv, 2), three);
+            __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), three);
+            __m256i p3 = _mm256_and_si256(_mm256_srli_epi16(wv, 6), three);
+            for (int i = 0; i < mr; i++) {
+                const int8_t *a = rows[i] + g * GROUP;
+                __m256i s0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
+                __m256i s1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
+                __m256i s2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
+                __m256i s3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
+                part[i] = _mm256_add_epi16(part[i], _mm256_add_epi16(_mm256_add_epi16(s0, s1),
+                                                                     _mm256_add_epi16(s2, s3)));
+            }
+        }
+        for (int i = 0; i < mr; i++) acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(part[i], ones));
+    }
+}
+
+/* A pass of the general loop (any K: the last group from the pass's zero-padded tail). */
+__attribute__((target("avx2"), always_inline)) static inline void
+pass_avx2_n(const Pass *p, const TernaryActs *x, int64_t m0, const int mr, int32_t *out, int64_t ldo,
+            int64_t n) {
+    const int8_t *rows[MR];
+    __m256i acc[MR];
+    for (int i = 0; i < mr; i++) rows[i] = x->a + (m0 + i) * x->stride;
+    row_mr(p, rows, mr, acc);
+    for (int i = 0; i < mr; i++) out[(m0 + i) * ldo + n] = hsum_epi32(acc[i]) - x->sum[m0 + i];
+}
+
+__attribute__((target("avx2"))) static void
+pass_avx2(const Pass *p, const TernaryActs *x, int64_t m0, int mr, int32_t *out, int64_t ldo, int64_t n) {
+    switch (mr) {
+    case 4: pass_avx2_n(p, x, m0, 4, out, ldo, n); break;
+    case 3: pass_avx2_n(p, x, m0, 3, out, ldo, n); break;
+    case 2: pass_avx2_n(p, x, m0, 2, out, ldo, n); break;
+    default: pass_avx2_n(p, x, m0, 1, out, ldo, n); break;
+    }
+}
+
+/* out[i * ldo + n] = row n . a_i - sum_i for the mr activation rows a_i and n in [0, count), the
+ * weight rows contiguous from w: four weight rows at a time, each unpacked once for all mr
+ * activation rows, each activation row's four sums in one hadd tree (at small K the per-sum
+ * reduction, not the products, was what a row cost). */
+__attribute__((target("avx2"), always_inline)) static inline void
+rows_mr_n(const uint8_t *w, int64_t row_bytes, const int8_t *const *rows, const int32_t *sum,
+          const int mr, int64_t count, int32_t *out, int64_t ldo) {
+    int64_t groups = row_bytes / GROUP_BYTES, n = 0;
+    __m256i acc[4][MR];
+    for (; n + 4 <= count; n += 4) {
+        for (int j = 0; j < 4; j++) {
+            Pass p = {w + (n + j) * row_bytes, NULL, groups, groups};
+            row_mr(&p, rows, mr, acc[j]);
+        }
+        for (int i = 0; i < mr; i++)
+            _mm_storeu_si128((__m128i *)(out + i * ldo + n),
+                             _mm_sub_epi32(hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]), _mm_set1_epi32(sum[i])));
+    }
+    for (; n < count; n++) {
+        Pass p = {w + n * row_bytes, NULL, groups, groups};
+        row_mr(&p, rows, mr, acc[0]);
+        for (int i = 0; i < mr; i++) out[i * ldo + n] = hsum_epi32(acc[0][i]) - sum[i];
+    }
+}
+
+/* Every activation row of x against count contiguous weight rows of whole groups (out[m * ldo
+ * + n]), in passes of up to four activation rows. */
+__attribute__((target("avx2"))) static void rows_avx2(const uint8_t *w, int64_t row_bytes, const TernaryActs *x,
+                                                      int64_t count, int32_t *out, int64_t ldo) {
+    if (x->M == 1) {
+        rows_m1_avx2(w, row_bytes, x->a, x->sum[0], count, out);
+        return;
+    }
+    /* Tiles of 16 weight rows: their packed bytes stay in L1 across the passes. */
+    for (int64_t t0 = 0; t0 < count; t0 += NC) {
+        int64_t tn = count - t0 < NC ? count - t0 : NC;
+        for (int64_t m0 = 0; m0 < x->M; m0 += MR) {
+            const int8_t *rows[MR];
+            int mr = x->M - m0 < MR ? (int)(x->M - m0) : MR;
+            for (int i = 0; i < mr; i++) rows[i] = x->a + (m0 + i) * x->stride;
+            const uint8_t *wt = w + t0 * row_bytes;
+            int32_t *o = out + m0 * ldo + t0;
+            switch (mr) {
+            case 4: rows_mr_n(wt, row_bytes, rows, x->sum + m0, 4, tn, o, ldo); break;
+            case 3: rows_mr_n(wt, row_bytes, rows, x->sum + m0, 3, tn, o, ldo); break;
+            case 2: rows_mr_n(wt, row_bytes, rows, x->sum + m0, 2, tn, o, ldo); break;
+            default: rows_mr_n(wt, row_bytes, rows, x->sum + m0, 1, tn, o, ldo); break;
+            }
+        }
+    }
 }
 #endif
 
@@ -203,13 +272,13 @@ void bitskip_ternary_rows(const TernaryActs *x, const TernaryWeights *w, int64_t
     pass_fn pass = pick_kernel();
     int64_t row_bytes = w->K / 4, full = w->K / GROUP, tail_bytes = row_bytes - full * GROUP_BYTES;
 #ifdef HAVE_X86
-    if (x->M == 1 && tail_bytes == 0 && pass == pass_avx2) {
+    if (tail_bytes == 0 && pass == pass_avx2) {
         /* Each part's rows of the range in one contiguous stream. */
         int64_t first = 0;
         for (int p = 0; p < w->nparts && first < n1; first += w->part_rows[p++]) {
             int64_t lo = n0 > first ? n0 : first, hi = n1 < first + w->part_rows[p] ? n1 : first + w->part_rows[p];
             if (lo < hi)
-                rows_m1_avx2(w->parts[p] + (lo - first) * row_bytes, row_bytes, x->a, x->sum[0], hi - lo, out + lo);
+                rows_avx2(w->parts[p] + (lo - first) * row_bytes, row_bytes, x, hi - lo, out + lo, ldo);
         }
         return;
     }
