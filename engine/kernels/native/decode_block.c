@@ -48,14 +48,34 @@ typedef struct {
     Proj qkv, o, gate_up, down;
 } Block;
 
-/* rms_norm: x / sqrt(mean(x^2) + eps) * w, the mean in float64 and the sqrt of a float32 taken
- * in float64. */
+/* The elementwise float loops below (norms, quantizer, scaling, the gated activation) are built
+ * twice, for AVX2 and for any x86-64, the CPU picking at load time: the same IEEE operations on
+ * wider vectors (no FMA: -ffp-contract=off; sums stay in their written order), so the same bits. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define WIDE __attribute__((target_clones("avx2", "default")))
+#else
+#define WIDE
+#endif
+
+/* Rows normed together at most: each row's sum of squares is one chain of dependent float64 adds
+ * (an add's latency an element); several rows' chains side by side overlap. */
+#define NORM_ROWS 4
+
+/* rms_norm of `rows` (<= NORM_ROWS) rows of x [rows, k]: x / sqrt(mean(x^2) + eps) * w, the mean
+ * in float64 (each row's in its own order) and the sqrt of a float32 taken in float64. */
+WIDE static void rms_norm_rows(const float *x, const float *w, int64_t k, double eps, float *out, int64_t rows) {
+    double sq[NORM_ROWS] = {0};
+    for (int64_t i = 0; i < k; i++)
+        for (int64_t r = 0; r < rows; r++) sq[r] += (double)x[r * k + i] * (double)x[r * k + i];
+    for (int64_t r = 0; r < rows; r++) {
+        float mean_sq = (float)(sq[r] / (double)k);
+        float denom = (float)sqrt((double)(mean_sq + (float)eps));
+        for (int64_t i = 0; i < k; i++) out[r * k + i] = x[r * k + i] / denom * w[i];
+    }
+}
+
 static void rms_norm(const float *x, const float *w, int64_t k, double eps, float *out) {
-    double sq = 0.0;
-    for (int64_t i = 0; i < k; i++) sq += (double)x[i] * (double)x[i];
-    float mean_sq = (float)(sq / (double)k);
-    float denom = (float)sqrt((double)(mean_sq + (float)eps));
-    for (int64_t i = 0; i < k; i++) out[i] = x[i] / denom * w[i];
+    rms_norm_rows(x, w, k, eps, out, 1);
 }
 
 /* The same, for the final norm before the head (draft_loop.c). */
@@ -64,7 +84,7 @@ void bitskip_rms_norm(const float *x, const float *w, int64_t k, double eps, flo
 }
 
 /* hadamard_transform: zero-pad to n, butterflies of a + b, a - b, then times float(1/sqrt(n)). */
-static void hadamard(const float *x, int64_t k, int64_t n, float *out) {
+WIDE static void hadamard(const float *x, int64_t k, int64_t n, float *out) {
     memcpy(out, x, sizeof(float) * (size_t)k);
     memset(out + k, 0, sizeof(float) * (size_t)(n - k));
     for (int64_t h = 1; h < n; h *= 2)
@@ -97,7 +117,7 @@ static float abs_max(const float *x, int64_t k) {
  * subtracting 1.5 * 2^23 rounds a float32 below 2^22 to the nearest integer, ties to even, as
  * nearbyintf does, and vectorizes). The codes go out in the kernel's plane order (`dst`, zeroed
  * padding) with their sum; `tmp` holds k codes in order. */
-static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *tmp, int8_t *dst, int32_t *sum) {
+WIDE static float quantize(const float *x, int64_t k, int64_t qmax, int8_t *tmp, int8_t *dst, int32_t *sum) {
     float s = abs_max(x, k), magic = 12582912.0f, top = (float)qmax;
     if (!(s >= 1e-5f)) s = 1e-5f;
     float scale = (1.0f / s) * top;
@@ -131,13 +151,16 @@ void bitskip_decode_profile(int on, double *out) {
     profiling = on;
 }
 
+/* Rows attended together (attention.c): consecutive tokens of one sequence, at most this many. */
+#define RUN 8
+
 /* Buffers for one call, sized for its widest block and allocated once for all its blocks;
  * rot, tmp, scores and qd are per thread. */
 typedef struct {
     float *x, *y, *attn, *scales, *rot;
     int8_t *codes, *tmp;
     int32_t *acc, *sums;
-    int64_t *slots, codes_stride, kin, max_len, group, head_dim, threads;
+    int64_t *slots, *runs, codes_stride, kin, max_len, group, head_dim, threads;
     double *scores, *qd;
 } Scratch;
 
@@ -171,15 +194,16 @@ static int scratch_alloc(Scratch *s, const Block *blocks, int64_t nblocks, int64
     s->acc = malloc(sizeof(int32_t) * (size_t)(n * wide));
     s->sums = malloc(sizeof(int32_t) * (size_t)n);
     s->slots = malloc(sizeof(int64_t) * (size_t)(n * max_len));
-    s->scores = malloc(sizeof(double) * (size_t)(threads * group * max_len));
-    s->qd = malloc(sizeof(double) * (size_t)(threads * group * d));
+    s->runs = malloc(sizeof(int64_t) * (size_t)(threads * (n + 1)));
+    s->scores = malloc(sizeof(double) * (size_t)(threads * RUN * group * max_len));
+    s->qd = malloc(sizeof(double) * (size_t)(threads * RUN * group * d));
     return s->x && s->y && s->attn && s->scales && s->rot && s->codes && s->tmp && s->acc && s->sums
-           && s->slots && s->scores && s->qd ? 0 : -1;
+           && s->slots && s->runs && s->scores && s->qd ? 0 : -1;
 }
 
 static void scratch_free(Scratch *s) {
     void *all[] = {s->x, s->y, s->attn, s->scales, s->rot, s->codes, s->tmp, s->acc, s->sums,
-                   s->slots, s->scores, s->qd};
+                   s->slots, s->runs, s->scores, s->qd};
     for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++) free(all[i]);
 }
 
@@ -195,13 +219,16 @@ static void prepare(const Proj *p, const float *x, int64_t k, int64_t r, Scratch
                             s->codes + r * bitskip_ternary_stride(p->in_features), &s->sums[r]);
 }
 
-/* The rows of x [n, k], through `norm` (when given) into `normed`, quantized for p. */
+/* The rows of x [n, k], through `norm` (when given) into `normed`, quantized for p; up to
+ * NORM_ROWS rows an item, a few items a thread. */
 static void normed_codes(const Proj *p, const float *x, const float *norm, int64_t k, double eps,
                          float *normed, int64_t n, Scratch *s, Member *m) {
-    team_phase(m, n);
-    for (int64_t r = team_claim(m); r >= 0; team_done(m), r = team_claim(m)) {
-        if (norm) rms_norm(x + r * k, norm, k, eps, normed + r * k);
-        prepare(p, norm ? normed : x, k, r, s, m);
+    int64_t per = n / s->threads < 1 ? 1 : n / s->threads < NORM_ROWS ? n / s->threads : NORM_ROWS;
+    team_phase(m, (n + per - 1) / per);
+    for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
+        int64_t r0 = c * per, r1 = r0 + per < n ? r0 + per : n;
+        if (norm) rms_norm_rows(x + r0 * k, norm, k, eps, normed + r0 * k, r1 - r0);
+        for (int64_t r = r0; r < r1; r++) prepare(p, norm ? normed : x, k, r, s, m);
     }
     team_wait(m);
 }
@@ -215,6 +242,15 @@ int team_prefetch = 1;
 void bitskip_decode_prefetch(int on) { team_prefetch = on; }
 
 static int64_t weight_bytes(const Proj *p) { return p->out_features * p->in_features / 4; }
+
+/* y[j] = acc[j] * f * gamma[j], or y[j] + that, for j < count. */
+WIDE static void scaled(const int32_t *restrict acc, float f, const float *restrict gamma, int64_t count,
+                        int residual, float *restrict y) {
+    if (residual)
+        for (int64_t j = 0; j < count; j++) y[j] = y[j] + (float)acc[j] * f * gamma[j];
+    else
+        for (int64_t j = 0; j < count; j++) y[j] = (float)acc[j] * f * gamma[j];
+}
 
 /* The prepared rows times p's weights, ranges of output features handed out to the team, each
  * range scaled as it is done: y[r, j] = acc * (s / Q) * gamma[j], or with `residual` added to it:
@@ -236,17 +272,25 @@ static void product(const Proj *p, int64_t n, float *y, int64_t ldy, int residua
     for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
         int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
         bitskip_ternary_rows(&x, &w, n0, n1, s->acc, N);
-        for (int64_t r = 0; r < n; r++) {
-            float f = s->scales[r] / (float)p->qmax, *yr = y + r * ldy;
-            const int32_t *acc = s->acc + r * N;
-            for (int64_t j = n0; j < n1; j++) {
-                float v = (float)acc[j] * f * p->gamma[j];
-                yr[j] = residual ? yr[j] + v : v;
-            }
-        }
+        for (int64_t r = 0; r < n; r++)
+            scaled(s->acc + r * N + n0, s->scales[r] / (float)p->qmax, p->gamma + n0, n1 - n0, residual,
+                   y + r * ldy + n0);
     }
     team_wait(m);
     if (profiling && m->id == 0) spent[0] += now() - t0;
+}
+
+/* The rows in runs: consecutive rows at consecutive positions with the same cache blocks (one
+ * sequence's tokens, a speculative verify), at most RUN a run; start[k] is run k's first row,
+ * start[count] = n. Returns the count. */
+static int64_t runs(int64_t n, const int64_t *positions, const int64_t *tables, int64_t width, int64_t *start) {
+    int64_t count = 0;
+    for (int64_t r = 0; r < n; r++)
+        if (r == 0 || r - start[count - 1] == RUN || positions[r] != positions[r - 1] + 1
+            || memcmp(tables + r * width, tables + (r - 1) * width, sizeof(int64_t) * (size_t)width) != 0)
+            start[count++] = r;
+    start[count] = n;
+    return count;
 }
 
 /* RoPE, the KV write and attention (see bitskip_decode_blocks for the rows' order). */
@@ -254,32 +298,54 @@ static void attention(const Block *b, int64_t n, const int64_t *positions, const
                       int64_t width, int64_t block_size, float *cache_k, float *cache_v,
                       const float *rope_cos, const float *rope_sin, Scratch *s, Member *m) {
     int64_t d = b->head_dim, qs = b->heads * d, kvs = b->kv_heads * d, nq = b->qkv.out_features;
+    int64_t *start = s->runs + m->id * (n + 1), count = runs(n, positions, tables, width, start);
     double t0 = profiling && m->id == 0 ? now() : 0.0;
-    team_phase(m, n);
-    for (int64_t r = team_claim(m); r >= 0; team_done(m), r = team_claim(m)) {
-        float *q = s->y + r * nq, *k = q + qs, *v = k + kvs;
-        int64_t pos = positions[r], *slots = s->slots + r * s->max_len;
-        bitskip_rope(q, b->heads, d, rope_cos + pos * d, rope_sin + pos * d);
-        bitskip_rope(k, b->kv_heads, d, rope_cos + pos * d, rope_sin + pos * d);
-        for (int64_t t = 0; t <= pos; t++)
-            slots[t] = tables[r * width + t / block_size] * block_size + t % block_size;
-        memcpy(cache_k + slots[pos] * kvs, k, sizeof(float) * (size_t)kvs);
-        memcpy(cache_v + slots[pos] * kvs, v, sizeof(float) * (size_t)kvs);
+    team_phase(m, count);
+    for (int64_t k = team_claim(m); k >= 0; team_done(m), k = team_claim(m)) {
+        for (int64_t r = start[k]; r < start[k + 1]; r++) {
+            float *q = s->y + r * nq, *kr = q + qs, *v = kr + kvs;
+            int64_t pos = positions[r], slot = tables[r * width + pos / block_size] * block_size + pos % block_size;
+            bitskip_rope(q, b->heads, d, rope_cos + pos * d, rope_sin + pos * d);
+            bitskip_rope(kr, b->kv_heads, d, rope_cos + pos * d, rope_sin + pos * d);
+            memcpy(cache_k + slot * kvs, kr, sizeof(float) * (size_t)kvs);
+            memcpy(cache_v + slot * kvs, v, sizeof(float) * (size_t)kvs);
+        }
+        /* The slots of the run's last row's positions (the others' are a prefix of them). */
+        int64_t last = start[k + 1] - 1, len = positions[last] + 1, *slots = s->slots + start[k] * s->max_len;
+        const int64_t *table = tables + last * width;
+        for (int64_t blk = 0, t = 0; t < len; blk++)
+            for (int64_t o = 0, base = table[blk] * block_size; o < block_size && t < len; o++) slots[t++] = base + o;
     }
     team_wait(m);
     /* Every row's key and value are in the cache now; a row attends to its own position and
      * before, so rows that are consecutive tokens of one sequence see their predecessors and
      * never a later one. */
-    int64_t group = b->heads / b->kv_heads, pairs = n * b->kv_heads;
-    double *scores = s->scores + m->id * s->group * s->max_len, *qd = s->qd + m->id * s->group * s->head_dim;
-    team_phase(m, pairs);
+    int64_t group = b->heads / b->kv_heads;
+    double *scores = s->scores + m->id * RUN * s->group * s->max_len, *qd = s->qd + m->id * RUN * s->group * s->head_dim;
+    team_phase(m, count * b->kv_heads);
     for (int64_t i = team_claim(m); i >= 0; team_done(m), i = team_claim(m)) {
-        int64_t r = i / b->kv_heads, g = i % b->kv_heads;
-        bitskip_attend_group(s->y + r * nq, g, group, b->kv_heads, d, s->slots + r * s->max_len,
-                             positions[r] + 1, cache_k, cache_v, scores, qd, s->attn + r * qs);
+        int64_t k = i / b->kv_heads, g = i % b->kv_heads, r = start[k];
+        bitskip_attend_rows(s->y + r * nq, nq, start[k + 1] - r, g, group, b->kv_heads, d,
+                            s->slots + r * s->max_len, positions[r] + 1, cache_k, cache_v, scores, qd,
+                            s->attn + r * qs, qs);
     }
     team_wait(m);
     if (profiling && m->id == 0) spent[1] += now() - t0;
+}
+
+/* a[i] = act(g[i]) * u[i] in float64, rounded once, for i < count. */
+WIDE static void gate(const float *restrict g, const float *restrict u, int64_t count, int64_t relu2,
+                      float *restrict a) {
+    if (relu2)
+        for (int64_t i = 0; i < count; i++) {
+            double gd = g[i], pos = gd > 0.0 ? gd : 0.0;
+            a[i] = (float)(pos * pos * (double)u[i]);
+        }
+    else
+        for (int64_t i = 0; i < count; i++) {
+            double gd = g[i];
+            a[i] = (float)(gd / (1.0 + exp(-gd)) * (double)u[i]);
+        }
 }
 
 /* act(gate) * up in float64, rounded once, in ranges of features handed out to the team. */
@@ -289,13 +355,8 @@ static void gated(const Block *b, int64_t n, Scratch *s, Member *m) {
     team_phase(m, items);
     for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
         int64_t r = c / spans, i0 = c % spans * SPAN, i1 = i0 + SPAN < F ? i0 + SPAN : F;
-        const float *g = s->y + r * 2 * F, *u = g + F;
-        float *a = s->attn + r * F;
-        for (int64_t i = i0; i < i1; i++) {
-            double gd = g[i], act = b->relu2 ? (gd > 0.0 ? gd : 0.0) * (gd > 0.0 ? gd : 0.0)
-                                             : gd / (1.0 + exp(-gd));
-            a[i] = (float)(act * (double)u[i]);
-        }
+        const float *g = s->y + r * 2 * F;
+        gate(g + i0, g + F + i0, i1 - i0, b->relu2, s->attn + r * F + i0);
     }
     team_wait(m);
 }
