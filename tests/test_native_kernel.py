@@ -51,6 +51,21 @@ def test_accumulators_equal_int64_reference(lib, m, k, out_features):
     assert torch.equal(got.long(), codes.long() @ weight.t())
 
 
+@pytest.mark.parametrize("k", [128, 384, 128 * 3 + 36])
+def test_every_row_count_up_to_64_equals_int64_reference(lib, k):
+    """Tiles of 4 weight rows x 4 activation rows (whole groups) and the pass loop (K tails): every
+    M from 1 to 12, then counts that leave 1, 2, 3 rows in the last pass, over fused parts whose
+    rows are not a multiple of the tiles."""
+    gen = torch.Generator().manual_seed(k)
+    parts = random_parts([5, 22, 10], k, gen)
+    weight = torch.cat([unpack_ternary(p.qweight) for p in parts]).long()
+    linear = CpuTernaryLinear(parts, 8, False, kernel="native")
+    for m in [*range(1, 13), 29, 30, 31, 64]:
+        codes = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+        codes[m // 2, :16] = -128          # int16 extremes in a middle row too
+        assert torch.equal(linear.accumulate(codes).long(), codes.long() @ weight.t()), m
+
+
 def test_extreme_codes_over_long_rows_do_not_overflow(lib):
     """Every weight +1 (or -1) against every activation at the limit: the largest partial sums."""
     for k, m in ((128 * 40 + 36, 2), (128 * 40, 1), (128 * 13, 1), (128 * 13, 3), (128 * 16, 4)):

@@ -119,3 +119,21 @@ def test_a_row_alone_computes_the_same_bits_as_in_its_batch(calls):
             written = (k1 != call[6]).any(dim=(1, 2))
             assert written.any() and torch.equal(k1[written], k[written])
             assert torch.equal(v1[written], v[written])
+
+
+def test_a_sequences_rows_attended_together_equal_one_row_at_a_time(calls):
+    """Consecutive tokens of one sequence attend together (attention.c: each cached K/V row read
+    once for all of them, in runs of up to 8): the same bits as each token alone, one call after
+    another in position order, each seeing the cache its predecessors wrote."""
+    blocks, seen = calls
+    prefill = seen[0]
+    rows = slice(5, 14)  # the 9-token prompt: a run of 8, then 1
+    h, k, v = run(blocks, prefill, threads=2, rows=rows)
+    first, last, h0, positions, tables, *rest = prefill
+    cache_k, cache_v = rest[1].clone(), rest[2].clone()
+    for r in range(rows.start, rows.stop):
+        call = (first, last, h0[r:r + 1], positions[r:r + 1], tables[:, r:r + 1], rest[0], cache_k, cache_v,
+                *rest[3:])
+        out, cache_k, cache_v = run(blocks, call, threads=1)
+        assert torch.equal(out[0], h[r - rows.start])
+    assert torch.equal(cache_k, k) and torch.equal(cache_v, v)
