@@ -400,7 +400,7 @@ class LLMEngine:
                 kvs, x0, starts = [seq.kv for seq in group], [seq.all_ids[-1] for seq in group], [seq.num_computed for seq in group]
                 if layers is not None:
                     drafts, targets = self.runner.greedy_rounds(kvs, x0, starts, depth, layers, m)
-                    for seq, d, t in zip(group, drafts.tolist(), targets.tolist()):
+                    for seq, d, t in zip(group, drafts, targets):
                         seq.speculation.take_round(d, t)
                     continue
                 drafts, states = self.runner.greedy_drafts(kvs, x0, starts, depth, m)

@@ -325,11 +325,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def greedy_rounds(self, kvs: list[SequenceKV], tokens: list[int], starts: list[int], depth: int, layers: int,
-                      m: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      m: int) -> tuple[list[list[int]], list[list[int]]]:
         """Whole greedy rounds (`native_drafts.round`): the drafts as greedy_drafts makes them,
         then blocks depth+1..layers over x0, d1, .., d_m, writing KV at every layer for positions
-        start..start + m. Returns the drafts long [n, m] and the argmax at `layers` after each of
-        those positions, long [n, m + 1]: the full model's own tokens, for the caller to compare."""
+        start..start + m. Returns each sequence's drafts (m) and the argmax at `layers` after each
+        of those positions (m + 1): the full model's own tokens, for the caller to compare."""
         cache = self.kv_cache
         out = self.native_drafts.round(depth, layers, m, tokens, starts, self._round_tables(kvs, starts, layers, m + 1),
                                        cache.block_size, cache.k, cache.v, self.rope_cos, self.rope_sin)
@@ -341,7 +341,9 @@ class ModelRunner:
         """Each sequence's cache blocks of layers 1..depth, long [depth, n, width], for `positions`
         positions from its start."""
         width = -(-max(s + positions for s in starts) // self.kv_cache.block_size)
-        return torch.stack([self._sequence_tables(kv, depth, width) for kv in kvs], 1).contiguous()
+        if len(kvs) == 1:  # [depth, width] viewed as [depth, 1, width]: contiguous already
+            return self._sequence_tables(kvs[0], depth, width)[:, None]
+        return torch.stack([self._sequence_tables(kv, depth, width) for kv in kvs], 1)
 
     # ---- leaving the batch -----------------------------------------------------------------
     def _exits(self, layer: int, h: torch.Tensor, live: list[_Live],

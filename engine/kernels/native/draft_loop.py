@@ -13,9 +13,13 @@ from .block import DecodeBlocks
 from .head_step import HeadStruct as _Head
 from .screened_head import ScreenedHead
 
-# A float32 head this small stays in the caches and its full product is quicker than screening
-# (default model, 4096 x 128: 50 us vs 74 us a row); larger ones screen with the 8-bit copy.
-SCREEN_ABOVE = 16 << 20
+# Heads larger than this (bytes) take a round's exact argmaxes through the screened copy: all of
+# them, as a decode step's greedy rows do (head_step.py).
+# Alone and hot a small head's float32 product is quicker (default model, 4096 x 128: 50 us vs 74
+# us a row), but inside a round the blocks have pushed its 2 MiB out of the caches, and the copy's
+# 0.4 MiB read wins (in-process A/B, default model, E=18 k=3 / E=23 k=5: 1.20x -> 1.28x and
+# 1.60x -> 1.67x of full depth, load 3.5).
+SCREEN_ABOVE = 0
 
 
 class GreedyDrafts:
@@ -23,10 +27,10 @@ class GreedyDrafts:
     and float32 head, and the screened head's 8-bit copy when there is one.
 
     Exact argmaxes (a round's verify; drafts with `estimate` False) are the float32 head's, read
-    through the screened copy when the head is large. With `estimate` (and a copy), drafts take
-    the argmax of the copy's level-1 estimate instead (draft_head.c): a greedy draft is kept only
-    where the full model's exact argmax equals it, so the output stays the full model's, and the
-    draft head reads 3/16 of the float32 head's bytes."""
+    through the screened copy (over SCREEN_ABOVE bytes: the same argmax). With `estimate` (and a
+    copy), drafts take the argmax of the copy's level-1 estimate instead (draft_head.c): a greedy
+    draft is kept only where the full model's exact argmax equals it, so the output stays the full
+    model's, and the draft head reads 3/16 of the float32 head's bytes."""
 
     def __init__(self, blocks: DecodeBlocks, embed: torch.Tensor, norm: torch.Tensor, eps: float,
                  lm_head: torch.Tensor, screened: ScreenedHead | None, estimate: bool = True):
@@ -79,21 +83,22 @@ class GreedyDrafts:
 
     def round(self, depth: int, layers: int, m: int, tokens: list[int], starts: list[int], tables: torch.Tensor,
               block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor, rope_cos: torch.Tensor,
-              rope_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              rope_sin: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
         """A greedy round of each row (x0 = tokens[r] at starts[r]): m drafts through blocks
         1..depth, then the verify through blocks depth+1..layers, KV written at every layer for
         positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous. Returns
-        the drafts long [rows, m] and the full model's argmax after x0, d1, .., d_m, long [rows, m + 1]."""
-        n = len(tokens)
-        token, position = torch.tensor(tokens, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
-        drafts = torch.empty(n, m, dtype=torch.long)
-        targets = torch.empty(n, m + 1, dtype=torch.long)
+        each row's drafts (m) and the full model's argmax after x0, d1, .., d_m (m + 1). Plain
+        ctypes arrays in and out: no tensor is made per round."""
+        n, i64 = len(tokens), ctypes.c_int64
+        token, position = (i64 * n)(*tokens), (i64 * n)(*starts)
+        drafts, targets = (i64 * (n * m))(), (i64 * (n * (m + 1)))()
         b = self.blocks
         if b.lib.bitskip_round_greedy(
-                b._base, b._base + depth * b._size, depth, layers - depth, n, m, token.data_ptr(),
-                position.data_ptr(), tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(),
-                cache_v.data_ptr(), rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(),
-                self.embed.shape[1], ctypes.byref(self._draft_head), ctypes.byref(self._head),
-                drafts.data_ptr(), targets.data_ptr(), torch.get_num_threads()) != 0:
+                b._base, b._base + depth * b._size, depth, layers - depth, n, m, token, position,
+                tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(), cache_v.data_ptr(),
+                rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(), self.embed.shape[1],
+                ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets,
+                torch.get_num_threads()) != 0:
             raise MemoryError("native greedy round: out of memory for its buffers")
-        return drafts, targets
+        return ([drafts[r * m:(r + 1) * m] for r in range(n)],
+                [targets[r * (m + 1):(r + 1) * (m + 1)] for r in range(n)])
