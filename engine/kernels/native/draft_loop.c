@@ -53,32 +53,20 @@ static int scratch_alloc(Scratch *s, int64_t rows, int64_t hidden, int64_t vocab
 
 static void scratch_free(Scratch *s) { free(s->x), free(s->logits), free(s->xq), free(s->xs); }
 
-static int64_t argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
-}
-
-/* out[r] = the head's argmax for hidden state h[r], r < rows. Returns 0, or -1 without memory. */
+/* out[r] = the head's argmax for hidden state h[r], r < rows: the estimate's (draft_head.c) with
+ * head->approx, else (and for a row the estimate cannot take) the exact one (head_step.c: the
+ * screened head's when there is a copy, the float32 head's otherwise; the same argmax). Returns 0,
+ * or -1 without memory. */
 static int head_argmax(const Head *head, const float *h, int64_t rows, int64_t hidden, Scratch *s,
                        int64_t *out, int nthreads) {
-    int64_t V = head->vocab, exact = 0;
+    if (!(head->approx && head->codes))
+        return bitskip_head_greedy(head, h, rows, hidden, s->x, s->logits, out, nthreads) < 0 ? -1 : 0;
     for (int64_t r = 0; r < rows; r++) {
-        float *x = s->x + r * hidden;
-        bitskip_rms_norm(h + r * hidden, head->norm, hidden, head->eps, x);
-        out[r] = head->approx && head->codes ? bitskip_draft_head_argmax(x, hidden, head->codes, head->scale, V, s->xq, s->xs) : -1;
-        if (out[r] < 0 && exact < r) memmove(s->x + exact * hidden, x, sizeof(float) * (size_t)hidden);
-        exact += out[r] < 0;  /* the rows left for the exact head, packed at the front */
+        bitskip_rms_norm(h + r * hidden, head->norm, hidden, head->eps, s->x);
+        out[r] = bitskip_draft_head_argmax(s->x, hidden, head->codes, head->scale, head->vocab, s->xq, s->xs);
+        if (out[r] < 0 && bitskip_head_greedy(head, h + r * hidden, 1, hidden, s->x, s->logits, out + r, nthreads) < 0)
+            return -1;
     }
-    if (exact == 0) return 0;
-    if (head->codes == NULL || head->approx)
-        bitskip_head(s->x, exact, hidden, head->weight, V, s->logits, nthreads);
-    else if (bitskip_head_screened(s->x, exact, hidden, head->weight, head->codes, head->scale,
-                                   head->bounds, head->norm_max, V, s->logits, nthreads) < 0)
-        return -1;
-    for (int64_t r = 0, j = 0; r < rows; r++)
-        if (out[r] < 0) out[r] = argmax(s->logits + j++ * V, V);
     return 0;
 }
 
