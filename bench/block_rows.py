@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import git_commit, write_json  # noqa: E402
 
-from engine.kernels import native  # noqa: E402
 from engine.kernels.native.block import DecodeBlocks  # noqa: E402
 from engine.kv_cache import KVCache, SequenceKV  # noqa: E402
 from engine.model_runner import ModelRunner, Row  # noqa: E402
@@ -31,6 +30,15 @@ from engine.weights import ModelWeights  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bind_blocks(path: Path) -> ctypes.CDLL:
+    """Another build (older ones lack newer entry points): only what the blocks' call needs."""
+    lib, p, i64 = ctypes.CDLL(str(path)), ctypes.c_void_p, ctypes.c_int64
+    lib.bitskip_decode_blocks.argtypes = [p, i64, p, i64, p, p, i64, i64, p, p, p, p, ctypes.c_int]
+    lib.bitskip_decode_blocks.restype = ctypes.c_int
+    lib.bitskip_decode_profile.argtypes = [ctypes.c_int, p]
+    return lib
 
 
 def capture(runner: ModelRunner, shape: str, rows: int, prompt: int) -> tuple:
@@ -93,7 +101,7 @@ def main() -> None:
         per_seq * (2 + 2 * sum(rows)), 16, c.num_key_value_heads, c.head_dim))
     builds = {"this": runner.native_blocks}
     for path in args.lib:
-        builds[path.name] = DecodeBlocks(native._bind(path), c, runner.weights.layers)
+        builds[path.name] = DecodeBlocks(bind_blocks(path), c, runner.weights.layers)
     calls = {(shape, r): capture(runner, shape, r, args.prompt)
              for r in rows for shape in (("verify", "batch") if r > 1 else ("one",))}
     print(f"{args.model}, {args.threads} threads, prompt {args.prompt}: ms per block "

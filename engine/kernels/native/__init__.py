@@ -28,10 +28,10 @@ import torch
 log = logging.getLogger("bitskip.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "attention.c", HERE / "head.c",
+SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "attention.c", HERE / "gate.c", HERE / "head.c",
            HERE / "head_screen.c", HERE / "head_codes.c", HERE / "head_step.c", HERE / "draft_loop.c",
            HERE / "draft_head.c"]
-HEADERS = [HERE / "ternary.h", HERE / "attention.h", HERE / "team.h", HERE / "head.h",
+HEADERS = [HERE / "ternary.h", HERE / "attention.h", HERE / "gate.h", HERE / "simd.h", HERE / "team.h", HERE / "head.h",
            HERE / "head_codes.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
@@ -101,6 +101,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_draft_greedy.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, p, p, p,
                                          ctypes.c_int]
     lib.bitskip_draft_greedy.restype = ctypes.c_int
+    lib.bitskip_gate.argtypes = [p, p, i64, i64, p]
+    lib.bitskip_gate.restype = None
     lib.bitskip_round_greedy.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, p, p,
                                          p, p, ctypes.c_int]
     lib.bitskip_round_greedy.restype = ctypes.c_int

@@ -17,10 +17,8 @@
 #include <string.h>
 
 #include "attention.h"
+#include "simd.h"
 
-/* Loads and stores through these may be unaligned (aligned(4) / aligned(8): one vector move). */
-typedef double v4d __attribute__((vector_size(32), aligned(8)));
-typedef float v4f __attribute__((vector_size(16), aligned(4)));
 
 void bitskip_rope(float *x, int64_t heads, int64_t d, const float *cos, const float *sin) {
     int64_t half = d / 2;

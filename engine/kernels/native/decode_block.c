@@ -23,6 +23,8 @@
 #include <time.h>
 
 #include "attention.h"
+#include "gate.h"
+#include "simd.h"
 #include "team.h"
 #include "ternary.h"
 #ifdef _OPENMP
@@ -48,15 +50,7 @@ typedef struct {
     Proj qkv, o, gate_up, down;
 } Block;
 
-/* The elementwise float loops below (norms, quantizer, scaling, the gated activation) are built
- * twice, for AVX2 and for any x86-64, the CPU picking at load time: the same IEEE operations on
- * wider vectors (no FMA: -ffp-contract=off; sums stay in their written order), so the same bits. */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#define WIDE __attribute__((target_clones("avx2", "default")))
-#else
-#define WIDE
-#endif
-
+/* The elementwise float loops below (norms, quantizer, scaling) are built for AVX2 too (WIDE). */
 /* Rows normed together at most: each row's sum of squares is one chain of dependent float64 adds
  * (an add's latency an element); several rows' chains side by side overlap. */
 #define NORM_ROWS 4
@@ -333,21 +327,6 @@ static void attention(const Block *b, int64_t n, const int64_t *positions, const
     if (profiling && m->id == 0) spent[1] += now() - t0;
 }
 
-/* a[i] = act(g[i]) * u[i] in float64, rounded once, for i < count. */
-WIDE static void gate(const float *restrict g, const float *restrict u, int64_t count, int64_t relu2,
-                      float *restrict a) {
-    if (relu2)
-        for (int64_t i = 0; i < count; i++) {
-            double gd = g[i], pos = gd > 0.0 ? gd : 0.0;
-            a[i] = (float)(pos * pos * (double)u[i]);
-        }
-    else
-        for (int64_t i = 0; i < count; i++) {
-            double gd = g[i];
-            a[i] = (float)(gd / (1.0 + exp(-gd)) * (double)u[i]);
-        }
-}
-
 /* act(gate) * up in float64, rounded once, in ranges of features handed out to the team. */
 static void gated(const Block *b, int64_t n, Scratch *s, Member *m) {
     enum { SPAN = 512 };
@@ -356,7 +335,7 @@ static void gated(const Block *b, int64_t n, Scratch *s, Member *m) {
     for (int64_t c = team_claim(m); c >= 0; team_done(m), c = team_claim(m)) {
         int64_t r = c / spans, i0 = c % spans * SPAN, i1 = i0 + SPAN < F ? i0 + SPAN : F;
         const float *g = s->y + r * 2 * F;
-        gate(g + i0, g + F + i0, i1 - i0, b->relu2, s->attn + r * F + i0);
+        bitskip_gate(g + i0, g + F + i0, i1 - i0, b->relu2, s->attn + r * F + i0);
     }
     team_wait(m);
 }
