@@ -31,6 +31,7 @@ from .kernels.native.block import decode_blocks
 from .kernels.native.draft_loop import GreedyDrafts
 from .kernels.native.head_step import NativeHead
 from .kv_cache import KVCache, SequenceKV
+from .lean_decode import LeanDecode
 from .weights import LayerWeights, ModelWeights, Norm
 
 HeadRequest = Literal["last", "all"]
@@ -171,7 +172,6 @@ class ModelRunner:
                 and weights.lm_head.dtype == torch.float32 and weights.lm_head.is_contiguous():
             self.native_head = NativeHead(library(), weights.norm.weight, weights.norm.eps, weights.lm_head,
                                           self.backend.screened_head(weights.lm_head))
-        self._plan_key, self._plan = None, []  # the last decode step's (_decode_plan)
         # A speculative round's greedy drafts in one native call (engine/kernels/native/draft_loop.py).
         self.native_drafts = None
         if self.native_blocks is not None and weights.norm.bias is None and weights.embed_positions is None \
@@ -179,12 +179,15 @@ class ModelRunner:
             screened = getattr(self.backend, "screened_head", lambda _: None)(weights.lm_head)
             self.native_drafts = GreedyDrafts(self.native_blocks, weights.embed_tokens, weights.norm.weight,
                                               weights.norm.eps, weights.lm_head, screened)
+        # Decode steps through the native blocks and head with little Python (engine/lean_decode.py).
+        self.lean_decode = LeanDecode(self) if self.native_blocks is not None and self.native_head is not None \
+            and weights.embed_positions is None and weights.embed_tokens.dtype == torch.float32 \
+            and weights.embed_tokens.is_contiguous() else None
         self.decode_graphs = None
         if getattr(self.backend, "static_decode", False) and kv_cache is not None and c.causal \
                 and weights.embed_positions is None:
             self.decode_graphs = DecodeGraphs(self, max_decode_rows, cuda_graphs)
 
-    @torch.inference_mode()
     def forward(self, rows: list[Row]) -> list[RowResult]:
         c = self.config
         for r in rows:
@@ -193,12 +196,14 @@ class ModelRunner:
             if r.start + len(r.tokens) > c.max_position_embeddings:
                 raise ValueError(f"positions up to {r.start + len(r.tokens)} exceed the context "
                                  f"{c.max_position_embeddings}")
+        if self.lean_decode is not None and self.native_blocks is not None and self.lean_decode.accepts(rows):
+            return self.lean_decode.run(rows)  # native calls only: no autograd to switch off
+        return self._forward(rows)
+
+    @torch.inference_mode()
+    def _forward(self, rows: list[Row]) -> list[RowResult]:
         if self.decode_graphs is not None and self.decode_graphs.accepts(rows):
             return self.decode_graphs.run(rows)
-        if self.native_blocks is not None and self.native_head is not None and all(
-                len(r.tokens) == 1 and r.kv is not None and r.pending is None and r.confidence is None
-                and not r.keep_states and len(r.heads) == 1 and r.heads.get(r.depth) == "last" for r in rows):
-            return self._decode(rows)
         ids = torch.tensor([t for r in rows for t in r.tokens], dtype=torch.long, device=self.device)
         embedded = self.weights.embed_tokens[ids]
         if self.weights.embed_positions is not None:  # learned absolute positions, added
@@ -247,54 +252,6 @@ class ModelRunner:
                 h = None
             live, layer = going_on, last + 1
         return results
-
-    # ---- a decode step ----------------------------------------------------------------------
-    def _decode(self, rows: list[Row]) -> list[RowResult]:
-        """The lean step: every row one cached token at a fixed depth, its logits wanted there.
-        Rows run deepest first, so those still running are always a prefix of the batch: one
-        native call per distinct depth, then the head on the rows that leave; argmax_only rows get
-        their token (RowResult.token) from the native head, and no logits."""
-        order = sorted(range(len(rows)), key=lambda i: -rows[i].depth)
-        ranked = [rows[i] for i in order]
-        cache = self.kv_cache
-        width = -(-(max(r.start for r in ranked) + 1) // cache.block_size)
-        key = (cache.version, width, *[(id(r.kv), r.depth) for r in ranked])
-        if key != self._plan_key:
-            self._plan_key, self._plan = key, self._decode_plan(ranked, width)
-        h = self.weights.embed_tokens[torch.tensor([r.tokens[0] for r in ranked])]
-        positions = torch.tensor([r.start for r in ranked])
-        results: list[RowResult | None] = [None] * len(rows)
-        for first, last, running, leaving, tables in self._plan:
-            self.native_blocks(first, last, h[:running], positions, tables, cache.block_size, cache.k, cache.v,
-                               self.rope_cos, self.rope_sin)
-            for layer in range(first, last + 1):
-                self.blocks_run[layer] += running
-            group = range(leaving, running)
-            greedy = [j for j in group if ranked[j].argmax_only]
-            if greedy:
-                states = h[leaving:running] if len(greedy) == running - leaving else h[torch.tensor(greedy)]
-                for j, token in zip(greedy, self.greedy_head(states)):
-                    results[order[j]] = RowResult({}, last, token=token)
-            if len(greedy) < running - leaving:
-                full = [j for j in group if not ranked[j].argmax_only]
-                logits = self.head(h[leaving:running] if not greedy else h[torch.tensor(full)])
-                for j, row_logits in zip(full, logits):
-                    results[order[j]] = RowResult({last: row_logits[None]}, last)
-        return results
-
-    def _decode_plan(self, ranked: list[Row], width: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
-        """Per distinct depth d (ascending) of rows sorted deepest first: (first block, d, rows
-        running them, first row leaving after d, the running rows' cache blocks long [d, rows,
-        width]); kept while the rows, their depths and the cache's tables stay the same."""
-        plan, first = [], 1
-        depths = sorted({r.depth for r in ranked})
-        for d, deeper in zip(depths, depths[1:] + [None]):
-            running = sum(r.depth >= d for r in ranked)
-            leaving = sum(r.depth > d for r in ranked) if deeper else 0
-            tables = torch.stack([self._sequence_tables(r.kv, d, width) for r in ranked[:running]], 1)
-            plan.append((first, d, running, leaving, tables))
-            first = d + 1
-        return plan
 
     def _next_event(self, layer: int, live: list[_Live]) -> int:
         """The first block from `layer` on after which a row leaves, wants logits, checks its
