@@ -21,8 +21,7 @@
 /* x as the level-1 kernels read it: xq int16 [kp] (zero past K) and its bytes xs [2, kp] (xq =
  * 256 xh + xl). Returns sum xq, or -1 with *ok = 0 when x has no finite, nonzero largest value. */
 static double quantize(const float *x, int64_t K, int64_t kp, int16_t *xq, int8_t *xs, int *ok) {
-    double Q = floor(2147483647.0 / (127.0 * (double)kp)), mx = 0, total = 0, sum = 0;
-    Q = Q < 32639 ? Q : 32639;  /* as head_screen.c: |C| fits int32, xq's high byte fits int8 */
+    double Q = head_codes_qmax(kp), mx = 0, total = 0, sum = 0;
     for (int64_t k = 0; k < K; k++) {
         double a = fabs((double)x[k]);
         mx = a > mx ? a : mx;  /* a NaN leaves mx: the total catches it */
@@ -35,10 +34,9 @@ static double quantize(const float *x, int64_t K, int64_t kp, int16_t *xq, int8_
         double c = k < K ? nearbyint(x[k] / t) : 0;
         c = c > Q ? Q : c < -Q ? -Q : c;
         xq[k] = (int16_t)c;
-        int8_t lo = (int8_t)((((int)c + 128) & 255) - 128);
-        xs[k] = lo, xs[kp + k] = (int8_t)(((int)c - lo) / 256);
         sum += c;
     }
+    head_codes_split(xq, kp, xs);
     return sum;
 }
 

@@ -30,6 +30,21 @@ typedef struct {
     int64_t (*level2)(const int16_t *xq, int64_t kp, const uint8_t *lo);
 } head_codes_kernels;
 
+/* The largest activation code Q for rows of kp: |C| <= 127 Q kp fits int32, and xq + 128 fits
+ * int16 (its high byte fits int8). */
+static inline double head_codes_qmax(int64_t kp) {
+    double Q = __builtin_floor(2147483647.0 / (127.0 * (double)kp));
+    return Q < 32639 ? Q : 32639;
+}
+
+/* xq [kp] as the level-1 kernels' bytes xs [2, kp]: xq = 256 xh + xl exactly, xl in -128..127. */
+static inline void head_codes_split(const int16_t *xq, int64_t kp, int8_t *xs) {
+    for (int64_t k = 0; k < kp; k++) {
+        int8_t lo = (int8_t)(((xq[k] + 128) & 255) - 128);
+        xs[k] = lo, xs[kp + k] = (int8_t)((xq[k] - lo) / 256);
+    }
+}
+
 /* Ask for n bytes from p into the cache (one row's level-2 bytes before its dot). */
 static inline void head_codes_prefetch(const uint8_t *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 64) __builtin_prefetch(p + i);

@@ -49,8 +49,7 @@
  * max |x_k| / Q; st[1], st[2] bound ||x|| and ||x - t xq|| from above, st[3] = sum xq. Returns t,
  * or -1 when the row cannot be screened. */
 static double quantize(const float *x, int64_t K, int64_t kp, double norm_max, int16_t *xq, double *st) {
-    double Q = floor(2147483647.0 / (127.0 * (double)kp)), mx = 0, ss = 0, es = 0, sum = 0;
-    Q = Q < 32639 ? Q : 32639;  /* xq + 128 fits int16: its high byte fits int8 (head_codes.h) */
+    double Q = head_codes_qmax(kp), mx = 0, ss = 0, es = 0, sum = 0;
     for (int64_t k = 0; k < K; k++) {
         double a = fabs((double)x[k]);
         mx = a > mx ? a : mx;
@@ -136,10 +135,7 @@ int64_t bitskip_head_screened(const float *x, int64_t M, int64_t K, const float 
         double *s = st + STATS * ns;
         s[0] = quantize(x + m * K, K, kp, norm_max, xq + ns * kp, s);
         if (s[0] < 0) continue;
-        for (int64_t k = 0; k < kp; k++) {  /* the bytes: xq = 256 xh + xl exactly */
-            int8_t lo = (int8_t)(((xq[ns * kp + k] + 128) & 255) - 128);
-            xs[2 * ns * kp + k] = lo, xs[(2 * ns + 1) * kp + k] = (int8_t)((xq[ns * kp + k] - lo) / 256);
-        }
+        head_codes_split(xq + ns * kp, kp, xs + 2 * ns * kp);
         which[ns++] = m;
     }
     const double eta = (double)(K + 40) * 0x1p-149;
