@@ -285,14 +285,16 @@ class ModelRunner:
                       m: int) -> tuple[list[list[int]], list[list[int]]]:
         """Whole greedy rounds (`native_drafts.round`): the drafts as greedy_drafts makes them,
         then blocks depth+1..layers over x0, d1, .., d_m, writing KV at every layer for positions
-        start..start + m. Returns each sequence's drafts (m) and the argmax at `layers` after each
-        of those positions (m + 1): the full model's own tokens, for the caller to compare."""
+        start..start + m. Returns each sequence's verified drafts (m; a pipelined round, one
+        sequence on two threads, stops at the first the full model rejects) and the argmax at
+        `layers` after x0 and each of them: the full model's own tokens, for the caller to compare."""
         cache = self.kv_cache
-        out = self.native_drafts.round(depth, layers, m, tokens, starts, self._round_tables(kvs, starts, layers, m + 1),
-                                       cache.block_size, cache.k, cache.v, self.rope_cos, self.rope_sin)
+        drafts, targets, ran = self.native_drafts.round(
+            depth, layers, m, tokens, starts, self._round_tables(kvs, starts, layers, m + 1), cache.block_size,
+            cache.k, cache.v, self.rope_cos, self.rope_sin)
         for layer in range(1, layers + 1):
-            self.blocks_run[layer] += (m + 1) * len(kvs)
-        return out
+            self.blocks_run[layer] += ran[layer - 1]
+        return drafts, targets
 
     def _round_tables(self, kvs: list[SequenceKV], starts: list[int], depth: int, positions: int) -> torch.Tensor:
         """Each sequence's cache blocks of layers 1..depth, long [depth, n, width], for `positions`

@@ -144,9 +144,10 @@ class Speculation:
         self.states = [Pending(states, [self.rule.draft_exit_layer] * len(drafts))]
 
     def take_round(self, drafts: list[int], targets: list[int]) -> None:
-        """A whole round from the runner's native greedy rounds: the drafts and the full model's
-        argmax after x0, d1, .., d_m (`verify` then compares them)."""
-        self.drafts, self.targets = drafts, targets
+        """A whole round from the runner's native greedy rounds: the verified drafts (a pipelined
+        round ends at the first the full model rejects: the round's length) and the full model's
+        argmax after x0 and each of them (`verify` then compares them)."""
+        self.drafts, self.targets, self.length = drafts, targets, len(drafts)
 
     def draft(self, seq: Sequence, result: RowResult,
               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:

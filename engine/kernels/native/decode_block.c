@@ -380,11 +380,13 @@ static int team_size(const Block *blocks, int64_t nblocks, int64_t n, const int6
  * sits at positions[r] (rows of one sequence consecutive and in position order), each block's
  * cache blocks in tables [nblocks, n, width] (block_size positions each), RoPE tables
  * [positions, head_dim]. One call for many blocks: the scratch is allocated and the threads
- * started once. Returns 0, or -1 when scratch memory cannot be had. */
-int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_t n,
-                          const int64_t *positions, const int64_t *tables, int64_t width,
-                          int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
-                          const float *rope_sin, int nthreads) {
+ * started once. A call on one thread stops before its next block once *stop is set (stop may be
+ * NULL: never; a speculative round's drafter stops so when the verify has rejected what it is
+ * drafting, draft_loop.c). Returns the blocks run, or -1 when scratch memory cannot be had. */
+int64_t bitskip_decode_blocks_until(const Block *blocks, int64_t nblocks, float *h, int64_t n,
+                                    const int64_t *positions, const int64_t *tables, int64_t width,
+                                    int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
+                                    const float *rope_sin, int nthreads, const atomic_int *stop) {
     Scratch s;
     Team team;
     int size = team_size(blocks, nblocks, n, positions, nthreads);
@@ -393,6 +395,8 @@ int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_
         return -1;
     }
     team_init(&team);
+    if (size > 1) stop = NULL;  /* every member of a team runs the same blocks */
+    int64_t ran = nblocks;
     double t0 = profiling ? now() : 0.0;
 #pragma omp parallel num_threads(size) if (size > 1)
     {
@@ -400,11 +404,25 @@ int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_
 #ifdef _OPENMP
         m.id = omp_get_thread_num();
 #endif
-        for (int64_t l = 0; l < nblocks; l++)
+        for (int64_t l = 0; l < nblocks; l++) {
+            if (stop && atomic_load_explicit(stop, memory_order_relaxed)) {
+                ran = l;
+                break;
+            }
             block(&blocks[l], l + 1 < nblocks ? &blocks[l + 1] : NULL, h, n, positions,
                   tables + l * n * width, width, block_size, cache_k, cache_v, rope_cos, rope_sin, &s, &m);
+        }
     }
     if (profiling) spent[2] += now() - t0;
     scratch_free(&s);
-    return 0;
+    return ran;
+}
+
+/* The same, every block. Returns 0, or -1 when scratch memory cannot be had. */
+int bitskip_decode_blocks(const Block *blocks, int64_t nblocks, float *h, int64_t n,
+                          const int64_t *positions, const int64_t *tables, int64_t width,
+                          int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
+                          const float *rope_sin, int nthreads) {
+    return bitskip_decode_blocks_until(blocks, nblocks, h, n, positions, tables, width, block_size, cache_k,
+                                       cache_v, rope_cos, rope_sin, nthreads, NULL) < 0 ? -1 : 0;
 }

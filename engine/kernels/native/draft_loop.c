@@ -12,15 +12,28 @@
  * through the runner for a greedy round (a draft call, then a verify row in the step's forward),
  * without the trips through Python: on a small model they cost as much as the blocks.
  *
+ * A round of one sequence given two threads is pipelined: one thread drafts (blocks 1..E and the
+ * draft head, position after position) while the other verifies (blocks E+1..L and the exact head
+ * over every state drafted so far), and the round ends at the first draft the full model rejects,
+ * the drafter stopping before its next block. On a CPU where one row's block is too small to
+ * share between threads, this is what a second core can do for one stream: a kept token costs the
+ * longer of the two halves, not their sum. The arithmetic of every block and head is the same
+ * whichever thread runs it, so the round's tokens and KV are those of the sequential round.
+ *
  * The draft head (Head.approx) may be an estimate (draft_head.c): a draft is kept only where the
  * verify's exact argmax equals it, so what the round emits is the full model's output whatever the
  * drafts are. The exact head is the float32 one, or the screened head (the same argmax). The hidden
  * states and KV left are the decode block's, the same bits the runner's native path computes.
  */
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "head.h"
 #include "head_codes.h"
@@ -30,6 +43,10 @@ int bitskip_decode_blocks(const void *blocks, int64_t nblocks, float *h, int64_t
                           const int64_t *positions, const int64_t *tables, int64_t width,
                           int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
                           const float *rope_sin, int nthreads);
+int64_t bitskip_decode_blocks_until(const void *blocks, int64_t nblocks, float *h, int64_t n,
+                                    const int64_t *positions, const int64_t *tables, int64_t width,
+                                    int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
+                                    const float *rope_sin, int nthreads, const atomic_int *stop);
 void bitskip_rms_norm(const float *x, const float *w, int64_t k, double eps, float *out);
 /* draft_head.c */
 int64_t bitskip_draft_head_argmax(const float *x, int64_t K, const uint8_t *codes, const float *scale,
@@ -116,36 +133,183 @@ int bitskip_draft_greedy(const void *blocks, int64_t depth, int64_t n, int64_t m
     return rc;
 }
 
-/* A whole greedy round of n rows drafting m tokens each at exit `depth` and verified by blocks
- * depth+1..depth+nrest (`rest`: the first of them): tokens and positions as above (out: d_m and
- * the position past it), tables [depth + nrest, n, width]. Writes drafts [n, m] and targets
- * [n, m + 1]: the full model's argmax after x0, d1, .., d_m. Returns 0, or -1 without memory. */
-int bitskip_round_greedy(const void *blocks, const void *rest, int64_t depth, int64_t nrest, int64_t n,
-                         int64_t m, int64_t *tokens, int64_t *positions, const int64_t *tables, int64_t width,
-                         int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
-                         const float *rope_sin, const float *embed, int64_t hidden, const Head *draft_head,
-                         const Head *head, int64_t *drafts, int64_t *targets, int nthreads) {
-    int64_t rows = n * (m + 1);
+/* One round: the model's blocks and heads, the sequence(s), and the round's outputs. */
+typedef struct {
+    const void *blocks, *rest;                   /* blocks 1..E and E+1..L */
+    int64_t depth, nrest, n, m, hidden, width, block_size;
+    const int64_t *tables;                       /* [depth + nrest, n, width] */
+    float *cache_k, *cache_v;
+    const float *rope_cos, *rope_sin, *embed;
+    const Head *draft_head, *head;
+    int64_t *drafts, *targets, *verified, *ran;  /* outputs, see bitskip_round_greedy */
+} Round;
+
+/* Blocks E+1..L and the exact head over `rows` consecutive positions of row r, the first of
+ * them at `position`, drafts numbered from `first`: states [rows, hidden] (in place) -> targets. */
+static int verify(const Round *R, int64_t r, int64_t first, int64_t rows, int64_t position, float *states,
+                  Scratch *s, int64_t *vpos, int64_t *vtab) {
+    for (int64_t i = 0; i < rows; i++) {
+        vpos[i] = position + i;
+        for (int64_t l = 0; l < R->nrest; l++)
+            memcpy(vtab + (l * rows + i) * R->width, R->tables + ((R->depth + l) * R->n + r) * R->width,
+                   sizeof(int64_t) * (size_t)R->width);
+    }
+    if (bitskip_decode_blocks_until(R->rest, R->nrest, states, rows, vpos, vtab, R->width, R->block_size,
+                                    R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, 1, NULL) < 0)
+        return -1;
+    for (int64_t l = R->depth; l < R->depth + R->nrest; l++) R->ran[l] += rows;
+    return head_argmax(R->head, states, rows, R->hidden, s, R->targets + r * (R->m + 1) + first, 1);
+}
+
+/* The sequential round (any n): every draft, then one verify over all n (m + 1) positions. */
+static int round_sequential(const Round *R, int64_t *tokens, int64_t *positions, int nthreads) {
+    int64_t n = R->n, m = R->m, rows = n * (m + 1), hidden = R->hidden;
     Scratch s;
     float *h = malloc(sizeof(float) * (size_t)(n * hidden)), *states = malloc(sizeof(float) * (size_t)(rows * hidden));
     int64_t *vpos = malloc(sizeof(int64_t) * (size_t)rows);
-    int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(nrest * rows * width));
-    int rc = h && states && vpos && vtab && scratch_alloc(&s, rows, hidden, head->vocab) == 0 ? 0 : -1;
+    int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * rows * R->width));
+    int rc = h && states && vpos && vtab && scratch_alloc(&s, rows, hidden, R->head->vocab) == 0 ? 0 : -1;
     /* Position i of row r is verify row r (m + 1) + i, with row r's cache blocks at every layer. */
     for (int64_t r = 0; rc == 0 && r < n; r++)
         for (int64_t i = 0; i <= m; i++) {
             vpos[r * (m + 1) + i] = positions[r] + i;
-            for (int64_t l = 0; l < nrest; l++)
-                memcpy(vtab + (l * rows + r * (m + 1) + i) * width, tables + ((depth + l) * n + r) * width,
-                       sizeof(int64_t) * (size_t)width);
+            for (int64_t l = 0; l < R->nrest; l++)
+                memcpy(vtab + (l * rows + r * (m + 1) + i) * R->width, R->tables + ((R->depth + l) * n + r) * R->width,
+                       sizeof(int64_t) * (size_t)R->width);
         }
     if (rc == 0)
-        rc = chain(blocks, depth, n, m + 1, m, tokens, positions, tables, width, block_size, cache_k, cache_v,
-                   rope_cos, rope_sin, embed, hidden, draft_head, drafts, states, m + 1, h, &s, nthreads);
+        rc = chain(R->blocks, R->depth, n, m + 1, m, tokens, positions, R->tables, R->width, R->block_size,
+                   R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, R->embed, hidden, R->draft_head, R->drafts,
+                   states, m + 1, h, &s, nthreads);
     if (rc == 0)
-        rc = bitskip_decode_blocks(rest, nrest, states, rows, vpos, vtab, width, block_size, cache_k, cache_v,
-                                   rope_cos, rope_sin, nthreads);
-    if (rc == 0) rc = head_argmax(head, states, rows, hidden, &s, targets, nthreads);
+        rc = bitskip_decode_blocks(R->rest, R->nrest, states, rows, vpos, vtab, R->width, R->block_size,
+                                   R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, nthreads);
+    if (rc == 0) rc = head_argmax(R->head, states, rows, hidden, &s, R->targets, nthreads);
+    for (int64_t l = 0; rc == 0 && l < R->depth + R->nrest; l++) R->ran[l] += rows;
+    for (int64_t r = 0; r < n; r++) R->verified[r] = m;
     free(h), free(states), free(vpos), free(vtab), scratch_free(&s);
     return rc;
+}
+
+/* The pipelined round of one sequence: what the drafter has handed the verifier so far. */
+typedef struct {
+    atomic_llong ready;    /* positions whose layer-E state is in `states` */
+    atomic_llong drafted;  /* drafts made */
+    atomic_int stop;       /* the verify is over (a draft rejected, or every position verified) */
+    atomic_int failed;     /* a side had no memory */
+} Pipe;
+
+/* Wait until *counter > after, or the round has failed; a few hundred microseconds of pauses (a
+ * drafted position takes about that long), then yielding the core. */
+static void pipe_wait(const atomic_llong *counter, int64_t after, const atomic_int *failed) {
+    for (int spins = 0; atomic_load_explicit(counter, memory_order_acquire) <= after; spins++) {
+        if (atomic_load_explicit(failed, memory_order_relaxed)) return;
+#if defined(__x86_64__)
+        if (spins < 8000) {
+            __builtin_ia32_pause();
+            continue;
+        }
+#endif
+        sched_yield();
+    }
+}
+
+/* x0, d1, .., d_m through blocks 1..E, each state handed to the verifier as soon as it is
+ * computed, then the draft head's next token; stops before a block once the verify is over. */
+static void drafter(const Round *R, Pipe *p, int64_t token, int64_t position, float *states, float *h, Scratch *s) {
+    for (int64_t i = 0; i <= R->m; i++, position++) {
+        memcpy(h, R->embed + token * R->hidden, sizeof(float) * (size_t)R->hidden);
+        int64_t done = bitskip_decode_blocks_until(R->blocks, R->depth, h, 1, &position, R->tables, R->width,
+                                                   R->block_size, R->cache_k, R->cache_v, R->rope_cos,
+                                                   R->rope_sin, 1, &p->stop);
+        if (done < 0) break;
+        for (int64_t l = 0; l < done; l++) R->ran[l] += 1;
+        if (done < R->depth) return;  /* stopped */
+        memcpy(states + i * R->hidden, h, sizeof(float) * (size_t)R->hidden);
+        atomic_store_explicit(&p->ready, i + 1, memory_order_release);
+        if (i == R->m) return;
+        if (head_argmax(R->draft_head, h, 1, R->hidden, s, &token, 1) != 0) break;
+        R->drafts[i] = token;
+        atomic_store_explicit(&p->drafted, i + 1, memory_order_release);
+    }
+    atomic_store(&p->failed, 1);
+}
+
+/* Verifies whatever the drafter has handed over, in order, until a draft differs from the full
+ * model's token or all m + 1 positions are verified; then stops the drafter. */
+static void verifier(const Round *R, Pipe *p, int64_t position, float *states, Scratch *s, int64_t *vpos,
+                     int64_t *vtab) {
+    int64_t v = 0, *drafts = R->drafts, *targets = R->targets;
+    while (v <= R->m) {
+        pipe_wait(&p->ready, v, &p->failed);
+        if (atomic_load(&p->failed)) break;
+        int64_t ready = atomic_load_explicit(&p->ready, memory_order_acquire);
+        if (verify(R, 0, v, ready - v, position + v, states + v * R->hidden, s, vpos, vtab) != 0) {
+            atomic_store(&p->failed, 1);
+            break;
+        }
+        for (; v < ready; v++) {
+            if (v == R->m) goto over;
+            pipe_wait(&p->drafted, v, &p->failed);
+            if (atomic_load(&p->failed)) goto over;
+            if (drafts[v] != targets[v]) {
+                R->verified[0] = v + 1;
+                goto over;
+            }
+        }
+    }
+over:
+    atomic_store(&p->stop, 1);
+}
+
+static int round_pipelined(const Round *R, int64_t token, int64_t position) {
+    int64_t m = R->m, hidden = R->hidden;
+    Scratch sd, sv;
+    float *h = malloc(sizeof(float) * (size_t)hidden), *states = malloc(sizeof(float) * (size_t)((m + 1) * hidden));
+    int64_t *vpos = malloc(sizeof(int64_t) * (size_t)(m + 1));
+    int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * (m + 1) * R->width));
+    int ok = h && states && vpos && vtab;
+    ok = scratch_alloc(&sd, 1, hidden, R->head->vocab) == 0 && ok;
+    ok = scratch_alloc(&sv, m + 1, hidden, R->head->vocab) == 0 && ok;
+    Pipe p;
+    atomic_init(&p.ready, 0), atomic_init(&p.drafted, 0), atomic_init(&p.stop, 0), atomic_init(&p.failed, !ok);
+    R->verified[0] = m;
+    for (int64_t i = 0; i <= m; i++) R->targets[i] = -1;
+    if (ok) {
+        int both = 0;
+#pragma omp parallel num_threads(2)
+        {
+#ifdef _OPENMP
+            both = omp_get_num_threads() == 2;
+            if (both && omp_get_thread_num() == 1) verifier(R, &p, position, states, &sv, vpos, vtab);
+            if (both && omp_get_thread_num() == 0) drafter(R, &p, token, position, states, h, &sd);
+#endif
+        }
+        if (!both) {  /* one thread after all: draft everything, then verify it */
+            drafter(R, &p, token, position, states, h, &sd);
+            verifier(R, &p, position, states, &sv, vpos, vtab);
+        }
+    }
+    free(h), free(states), free(vpos), free(vtab), scratch_free(&sd), scratch_free(&sv);
+    return atomic_load(&p.failed) ? -1 : 0;
+}
+
+/* A whole greedy round of n rows drafting m tokens each at exit `depth` and verified by blocks
+ * depth+1..depth+nrest (`rest`: the first of them): tokens [n] x0 and positions [n] x0's,
+ * tables [depth + nrest, n, width]. Writes drafts [n, m], targets [n, m + 1] (the full model's
+ * argmax after x0, d1, .., d_m), verified [n] (the drafts verified: row r's targets are valid up
+ * to index verified[r], and past a draft that differs from its target nothing is) and adds each
+ * block's token-blocks run to ran [depth + nrest]. One row on two threads or more is pipelined
+ * (verified[0] stops at the first rejected draft), else sequential (every draft verified). Returns
+ * 0, or -1 without memory. */
+int bitskip_round_greedy(const void *blocks, const void *rest, int64_t depth, int64_t nrest, int64_t n,
+                         int64_t m, int64_t *tokens, int64_t *positions, const int64_t *tables, int64_t width,
+                         int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
+                         const float *rope_sin, const float *embed, int64_t hidden, const Head *draft_head,
+                         const Head *head, int64_t *drafts, int64_t *targets, int64_t *verified, int64_t *ran,
+                         int nthreads) {
+    Round R = {blocks, rest, depth, nrest, n, m, hidden, width, block_size, tables, cache_k, cache_v,
+               rope_cos, rope_sin, embed, draft_head, head, drafts, targets, verified, ran};
+    if (n == 1 && nthreads > 1) return round_pipelined(&R, tokens[0], positions[0]);
+    return round_sequential(&R, tokens, positions, nthreads);
 }

@@ -83,22 +83,24 @@ class GreedyDrafts:
 
     def round(self, depth: int, layers: int, m: int, tokens: list[int], starts: list[int], tables: torch.Tensor,
               block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor, rope_cos: torch.Tensor,
-              rope_sin: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+              rope_sin: torch.Tensor) -> tuple[list[list[int]], list[list[int]], list[int]]:
         """A greedy round of each row (x0 = tokens[r] at starts[r]): m drafts through blocks
         1..depth, then the verify through blocks depth+1..layers, KV written at every layer for
         positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous. Returns
-        each row's drafts (m) and the full model's argmax after x0, d1, .., d_m (m + 1). Plain
-        ctypes arrays in and out: no tensor is made per round."""
+        each row's verified drafts (m, or up to the first the full model rejects: a round of one
+        row on two threads or more is pipelined, draft_loop.c, and ends there), the full model's
+        argmax after x0 and each of them, and the token-blocks run at each layer. Plain ctypes
+        arrays in and out: no tensor is made per round."""
         n, i64 = len(tokens), ctypes.c_int64
         token, position = (i64 * n)(*tokens), (i64 * n)(*starts)
-        drafts, targets = (i64 * (n * m))(), (i64 * (n * (m + 1)))()
+        drafts, targets, verified, ran = (i64 * (n * m))(), (i64 * (n * (m + 1)))(), (i64 * n)(), (i64 * layers)()
         b = self.blocks
         if b.lib.bitskip_round_greedy(
                 b._base, b._base + depth * b._size, depth, layers - depth, n, m, token, position,
                 tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(), cache_v.data_ptr(),
                 rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(), self.embed.shape[1],
-                ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets,
+                ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets, verified, ran,
                 torch.get_num_threads()) != 0:
             raise MemoryError("native greedy round: out of memory for its buffers")
-        return ([drafts[r * m:(r + 1) * m] for r in range(n)],
-                [targets[r * (m + 1):(r + 1) * (m + 1)] for r in range(n)])
+        return ([drafts[r * m:r * m + verified[r]] for r in range(n)],
+                [targets[r * (m + 1):r * (m + 1) + verified[r] + 1] for r in range(n)], list(ran))
