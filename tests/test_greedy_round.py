@@ -2,7 +2,9 @@
 `ModelRunner.greedy_rounds`) and the drafts' estimated head (draft_head.c): the round's targets
 are the reference model's full-depth tokens after each drafted position, its KV is what full-depth
 processing writes at every layer, a row's round does not depend on its batch; the estimate mostly
-picks the exact head's argmax, and when it picks wrong tokens the output is still full depth's."""
+picks the exact head's argmax, and when it picks wrong tokens the output is still full depth's.
+A round of one sequence on two threads is pipelined (one drafts while the other verifies, ending
+at the first rejected draft): the same, up to that draft."""
 
 from __future__ import annotations
 
@@ -23,6 +25,16 @@ from test_draft_loop import PROMPTS, model_and_engine, prefilled  # noqa: F401 (
 from test_generation import ref_greedy
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+@pytest.fixture
+def threads(request):
+    """torch's thread count for the test (the suite runs on one): a one-sequence round takes two
+    threads or more as the signal to pipeline."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
 def loop_with(engine: LLMEngine, lm_head_copy: torch.Tensor | None = None, estimate: bool = True):
@@ -64,6 +76,60 @@ def test_round_targets_are_full_depth_tokens_and_kv_is_full_depth(model_and_engi
         engine.kv_cache.release(kv)
 
 
+def accepted_prefix(drafts: list[int], targets: list[int]) -> int:
+    """Drafts kept: those before the first that differs from the full model's token."""
+    return next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), len(drafts))
+
+
+@pytest.mark.parametrize("threads", [2], indirect=True)
+@pytest.mark.parametrize("estimate", [False, True], ids=["exact drafts", "estimated drafts"])
+@pytest.mark.parametrize("draft_exit", [1, 3, 4])
+def test_pipelined_round_is_full_depth_up_to_the_first_rejected_draft(model_and_engine, monkeypatch, threads,
+                                                                        estimate, draft_exit):
+    """One sequence on two threads: its drafts are verified up to the first the full model
+    rejects (draft exit 4 = L: the drafts are the full model's own, so all are kept); the targets
+    are the reference full-depth tokens after x0 and each kept draft, the KV of the kept positions
+    is a full-depth prefill's at every layer, and the drafts and targets are the sequential
+    round's (one thread, the same state)."""
+    model, engine = model_and_engine
+    L, m = model.config.num_hidden_layers, 6
+    monkeypatch.setattr(engine.runner, "native_drafts", loop_with(engine, estimate=estimate))
+    kept, ends = 0, set()
+    for p in PROMPTS:
+        x0 = ref_greedy(model, p, L, 1)[0]
+        kv = prefilled(engine, p, m + 1)
+        before = list(engine.runner.blocks_run)
+        (drafts,), (targets,) = engine.runner.greedy_rounds([kv], [x0], [len(p)], draft_exit, L, m)
+        ran = [b - a for a, b in zip(before, engine.runner.blocks_run)]
+        a = accepted_prefix(drafts, targets)
+        assert a == len(drafts) == m or a == len(drafts) - 1, "verified up to the first rejected draft"
+        ends.add(a == m)
+        kept += a
+        ids = p + [x0] + drafts[:a]
+        with torch.no_grad():  # the full model's token after x0, d1, .., d_a
+            want = model(torch.tensor([ids]), [L])[L][0, len(p):].argmax(-1)
+        assert targets[:a + 1] == want.tolist()
+        if not estimate:
+            assert drafts == ref_greedy(model, p + [x0], draft_exit, len(drafts))
+        ref_cache, ref_kv = full_depth_cache(engine, ids)
+        for layer in range(1, L + 1):
+            got, ref = layer_kv(engine.kv_cache, kv, layer, len(ids)), layer_kv(ref_cache, ref_kv, layer, len(ids))
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"layer {layer}"
+        # x0 and the kept drafts ran every block; at most x0 and all m drafts ran any.
+        assert all(a + 1 <= n <= m + 1 for n in ran[1:]), ran
+        engine.kv_cache.release(kv)
+        torch.set_num_threads(1)  # the sequential round on the same state
+        kv = prefilled(engine, p, m + 1)
+        (d1,), (t1,) = engine.runner.greedy_rounds([kv], [x0], [len(p)], draft_exit, L, m)
+        assert d1[:len(drafts)] == drafts and t1[:a + 1] == targets[:a + 1]
+        engine.kv_cache.release(kv)
+        torch.set_num_threads(threads)
+    if draft_exit == L:
+        assert ends == {True}, "exit L drafts the full model's own tokens"
+    else:
+        assert kept < m * len(PROMPTS), "the test needs a rejected draft"
+
+
 def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine):
     _, engine = model_and_engine
     L = engine.model_config.num_hidden_layers
@@ -80,7 +146,8 @@ def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine):
         engine.kv_cache.release(kv)
 
 
-def test_output_is_full_depth_when_the_draft_estimates_are_wrong(model_and_engine, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2], indirect=True, ids=["sequential", "pipelined"])
+def test_output_is_full_depth_when_the_draft_estimates_are_wrong(model_and_engine, monkeypatch, threads):
     """Drafts estimated from a head with its rows shuffled (nearly every draft a wrong token):
     every round rejects, and the output is still the full model's greedy output. (The verify
     takes the float32 head here: the shuffled copy is no screen of the model's head.)"""
