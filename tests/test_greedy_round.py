@@ -3,8 +3,8 @@
 are the reference model's full-depth tokens after each drafted position, its KV is what full-depth
 processing writes at every layer, a row's round does not depend on its batch; the estimate mostly
 picks the exact head's argmax, and when it picks wrong tokens the output is still full depth's.
-A round of one sequence on two threads is pipelined (one drafts while the other verifies, ending
-at the first rejected draft): the same, up to that draft."""
+A round of one sequence pipelined on two threads (one drafts while the other verifies, ending at
+the first rejected draft): the same, up to that draft."""
 
 from __future__ import annotations
 
@@ -27,24 +27,18 @@ from test_generation import ref_greedy
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
-@pytest.fixture
-def threads(request):
-    """torch's thread count for the test (the suite runs on one): a one-sequence round takes two
-    threads or more as the signal to pipeline."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def loop_with(engine: LLMEngine, lm_head_copy: torch.Tensor | None = None, estimate: bool = True):
+def loop_with(engine: LLMEngine, lm_head_copy: torch.Tensor | None = None, estimate: bool = True,
+              pipeline: bool = False):
     """The engine's draft loop rebuilt: the screened copy made from `lm_head_copy` (a head the
-    drafts' estimate then reads instead of the model's), or the model's own."""
+    drafts' estimate then reads instead of the model's), or the model's own; a round of one
+    sequence pipelined on two threads, or not."""
     r, w = engine.runner, engine.weights
     copy = engine.backend.screened_head(w.lm_head) if lm_head_copy is None else \
         ScreenedHead(native.library(), lm_head_copy.contiguous())
-    return draft_loop.GreedyDrafts(r.native_blocks, w.embed_tokens, w.norm.weight, w.norm.eps, w.lm_head, copy,
+    loop = draft_loop.GreedyDrafts(r.native_blocks, w.embed_tokens, w.norm.weight, w.norm.eps, w.lm_head, copy,
                                    estimate=estimate)
+    loop.pipeline = pipeline
+    return loop
 
 
 @pytest.mark.parametrize("estimate", [False, True], ids=["exact drafts", "estimated drafts"])
@@ -81,19 +75,19 @@ def accepted_prefix(drafts: list[int], targets: list[int]) -> int:
     return next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), len(drafts))
 
 
-@pytest.mark.parametrize("threads", [2], indirect=True)
 @pytest.mark.parametrize("estimate", [False, True], ids=["exact drafts", "estimated drafts"])
 @pytest.mark.parametrize("draft_exit", [1, 3, 4])
-def test_pipelined_round_is_full_depth_up_to_the_first_rejected_draft(model_and_engine, monkeypatch, threads,
-                                                                        estimate, draft_exit):
-    """One sequence on two threads: its drafts are verified up to the first the full model
+def test_pipelined_round_is_full_depth_up_to_the_first_rejected_draft(model_and_engine, monkeypatch, estimate,
+                                                                        draft_exit):
+    """One sequence pipelined on two threads: its drafts are verified up to the first the full model
     rejects (draft exit 4 = L: the drafts are the full model's own, so all are kept); the targets
     are the reference full-depth tokens after x0 and each kept draft, the KV of the kept positions
     is a full-depth prefill's at every layer, and the drafts and targets are the sequential
     round's (one thread, the same state)."""
     model, engine = model_and_engine
     L, m = model.config.num_hidden_layers, 6
-    monkeypatch.setattr(engine.runner, "native_drafts", loop_with(engine, estimate=estimate))
+    loop = loop_with(engine, estimate=estimate, pipeline=True)
+    monkeypatch.setattr(engine.runner, "native_drafts", loop)
     kept, ends = 0, set()
     for p in PROMPTS:
         x0 = ref_greedy(model, p, L, 1)[0]
@@ -118,20 +112,21 @@ def test_pipelined_round_is_full_depth_up_to_the_first_rejected_draft(model_and_
         # x0 and the kept drafts ran every block; at most x0 and all m drafts ran any.
         assert all(a + 1 <= n <= m + 1 for n in ran[1:]), ran
         engine.kv_cache.release(kv)
-        torch.set_num_threads(1)  # the sequential round on the same state
+        loop.pipeline = False  # the sequential round on the same state
         kv = prefilled(engine, p, m + 1)
         (d1,), (t1,) = engine.runner.greedy_rounds([kv], [x0], [len(p)], draft_exit, L, m)
         assert d1[:len(drafts)] == drafts and t1[:a + 1] == targets[:a + 1]
         engine.kv_cache.release(kv)
-        torch.set_num_threads(threads)
+        loop.pipeline = True
     if draft_exit == L:
         assert ends == {True}, "exit L drafts the full model's own tokens"
     else:
         assert kept < m * len(PROMPTS), "the test needs a rejected draft"
 
 
-def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine):
+def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine, monkeypatch):
     _, engine = model_and_engine
+    monkeypatch.setattr(engine.runner.native_drafts, "pipeline", False)  # alone: every draft verified too
     L = engine.model_config.num_hidden_layers
     alone = []
     for p in PROMPTS:
@@ -146,8 +141,8 @@ def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine):
         engine.kv_cache.release(kv)
 
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True, ids=["sequential", "pipelined"])
-def test_output_is_full_depth_when_the_draft_estimates_are_wrong(model_and_engine, monkeypatch, threads):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
+def test_output_is_full_depth_when_the_draft_estimates_are_wrong(model_and_engine, monkeypatch, pipeline):
     """Drafts estimated from a head with its rows shuffled (nearly every draft a wrong token):
     every round rejects, and the output is still the full model's greedy output. (The verify
     takes the float32 head here: the shuffled copy is no screen of the model's head.)"""
@@ -156,11 +151,14 @@ def test_output_is_full_depth_when_the_draft_estimates_are_wrong(model_and_engin
     w = engine.weights.lm_head
     shuffled = w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))]
     monkeypatch.setattr(draft_loop, "SCREEN_ABOVE", 1 << 62)
-    monkeypatch.setattr(engine.runner, "native_drafts", loop_with(engine, shuffled))
+    monkeypatch.setattr(engine.runner, "native_drafts", loop_with(engine, shuffled, pipeline=pipeline))
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    seqs = [engine.add_request(p, params, speculative=SpeculativeRule(e, 3)) for p in PROMPTS for e in (1, 3)]
-    while engine.has_unfinished():
-        engine.step()
+    seqs = []
+    for p in PROMPTS:
+        for e in (1, 3):  # one at a time: each round is one sequence's (pipelined or not)
+            seqs.append(engine.add_request(p, params, speculative=SpeculativeRule(e, 3)))
+            while engine.has_unfinished():
+                engine.step()
     for seq in seqs:
         assert seq.output_ids == ref_greedy(model, seq.prompt_ids, L, 16)
     drafted, accepted = sum(s.speculation.drafted for s in seqs), sum(s.speculation.accepted for s in seqs)

@@ -12,7 +12,7 @@
  * through the runner for a greedy round (a draft call, then a verify row in the step's forward),
  * without the trips through Python: on a small model they cost as much as the blocks.
  *
- * A round of one sequence given two threads is pipelined: one thread drafts (blocks 1..E and the
+ * A round of one sequence may be pipelined on two threads: one drafts (blocks 1..E and the
  * draft head, position after position) while the other verifies (blocks E+1..L and the exact head
  * over every state drafted so far), and the round ends at the first draft the full model rejects,
  * the drafter stopping before its next block. On a CPU where one row's block is too small to
@@ -299,17 +299,17 @@ static int round_pipelined(const Round *R, int64_t token, int64_t position) {
  * tables [depth + nrest, n, width]. Writes drafts [n, m], targets [n, m + 1] (the full model's
  * argmax after x0, d1, .., d_m), verified [n] (the drafts verified: row r's targets are valid up
  * to index verified[r], and past a draft that differs from its target nothing is) and adds each
- * block's token-blocks run to ran [depth + nrest]. One row on two threads or more is pipelined
- * (verified[0] stops at the first rejected draft), else sequential (every draft verified). Returns
- * 0, or -1 without memory. */
+ * block's token-blocks run to ran [depth + nrest]. With `pipeline`, a round of one row is
+ * pipelined on two threads (verified[0] stops at the first rejected draft); else it is sequential
+ * on `nthreads` (every draft verified). Returns 0, or -1 without memory. */
 int bitskip_round_greedy(const void *blocks, const void *rest, int64_t depth, int64_t nrest, int64_t n,
                          int64_t m, int64_t *tokens, int64_t *positions, const int64_t *tables, int64_t width,
                          int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
                          const float *rope_sin, const float *embed, int64_t hidden, const Head *draft_head,
                          const Head *head, int64_t *drafts, int64_t *targets, int64_t *verified, int64_t *ran,
-                         int nthreads) {
+                         int pipeline, int nthreads) {
     Round R = {blocks, rest, depth, nrest, n, m, hidden, width, block_size, tables, cache_k, cache_v,
                rope_cos, rope_sin, embed, draft_head, head, drafts, targets, verified, ran};
-    if (n == 1 && nthreads > 1) return round_pipelined(&R, tokens[0], positions[0]);
+    if (n == 1 && pipeline) return round_pipelined(&R, tokens[0], positions[0]);
     return round_sequential(&R, tokens, positions, nthreads);
 }

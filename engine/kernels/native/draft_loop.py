@@ -6,6 +6,7 @@ and the exact head's argmax at each: the full model's tokens, for the caller to 
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -44,6 +45,11 @@ class GreedyDrafts:
         self._copy = copy  # kept too: the draft head reads its codes
         self._head = self._struct(self._screened, False)
         self._draft_head = self._struct(copy, True) if self.estimated else self._head
+        # A round of one sequence drafts on one core while another verifies (draft_loop.c). The
+        # blocks of one row are too small to share between threads, so this is the one way a
+        # second core speeds up a single stream; rounds of several sequences share a step's
+        # rows instead.
+        self.pipeline = len(os.sched_getaffinity(0)) >= 2
 
     def _struct(self, copy: ScreenedHead | None, approx: bool) -> _Head:
         codes = (copy.codes.data_ptr(), copy.scale.data_ptr(), copy.bounds.data_ptr(), copy.norm_max) \
@@ -87,8 +93,8 @@ class GreedyDrafts:
         """A greedy round of each row (x0 = tokens[r] at starts[r]): m drafts through blocks
         1..depth, then the verify through blocks depth+1..layers, KV written at every layer for
         positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous. Returns
-        each row's verified drafts (m, or up to the first the full model rejects: a round of one
-        row on two threads or more is pipelined, draft_loop.c, and ends there), the full model's
+        each row's verified drafts (m, or up to the first the full model rejects: a pipelined
+        round, one row with `pipeline`, ends there), the full model's
         argmax after x0 and each of them, and the token-blocks run at each layer. Plain ctypes
         arrays in and out: no tensor is made per round."""
         n, i64 = len(tokens), ctypes.c_int64
@@ -100,7 +106,7 @@ class GreedyDrafts:
                 tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(), cache_v.data_ptr(),
                 rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(), self.embed.shape[1],
                 ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets, verified, ran,
-                torch.get_num_threads()) != 0:
+                int(self.pipeline), torch.get_num_threads()) != 0:
             raise MemoryError("native greedy round: out of memory for its buffers")
         return ([drafts[r * m:r * m + verified[r]] for r in range(n)],
                 [targets[r * (m + 1):r * (m + 1) + verified[r] + 1] for r in range(n)], list(ran))
