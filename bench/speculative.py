@@ -5,9 +5,12 @@
 
 Single stream: greedy decode of held-out prompts in this process, one request at a time, every
 configuration (full depth and each (E, k)) timed in each repeat, interleaved; decode time from the
-first token to the last (the first token comes from the prompt's full-depth step either way);
-`--cpu-time` times it by the process's CPU time instead, which keeps other processes' load on a
-shared machine out of the ratios.
+first token to the last (the first token comes from the prompt's full-depth step either way).
+On a machine with two cores or more a round of one stream is pipelined (engine/kernels/native/
+draft_loop.c: one core drafts while the other verifies), as the server runs it; full depth runs a
+block of one row on one core at any thread count (too small to share). `--no-pipeline` times the
+sequential round instead. `--cpu-time` times by the process's CPU time (both cores of a pipelined
+round: its CPU cost, not its latency), which keeps other processes' load out of the ratios.
 Concurrent: a live `bitskip serve` and `--concurrency` clients sending one /generate request
 each, all at once, per configuration; tokens/s over the wall time of the wave. Every output is
 compared with the full-depth output of the same prompt. Prints tables, writes JSON (default
@@ -161,6 +164,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-server", action="store_true", help="single stream only")
+    ap.add_argument("--no-pipeline", action="store_true",
+                    help="single stream: sequential rounds on one core, not drafting beside the verify")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time the single stream by this process's CPU time, not wall-clock: on a shared "
                          "machine the others' load then stays out of the ratios (1 thread)")
@@ -169,6 +174,9 @@ def main() -> None:
     args = ap.parse_args()
 
     engine = LLMEngine(load_checkpoint(args.model), EngineConfig(max_num_seqs=1, num_threads=args.threads))
+    if args.no_pipeline and engine.runner.native_drafts is not None:
+        engine.runner.native_drafts.pipeline = False
+    pipelined = engine.runner.native_drafts is not None and engine.runner.native_drafts.pipeline
     c = engine.model_config
     exits = ([int(x) for x in args.draft_exits.split(",")] if args.draft_exits  # exit points, and the default's
              else sorted({p for p in c.exit_points if p < c.num_hidden_layers} | {engine.speculative_rule().draft_exit_layer}))
@@ -179,7 +187,8 @@ def main() -> None:
     prompts = prompts_from(text, engine, max(args.num_prompts, args.concurrency), args.prompt_tokens)
 
     print(f"speculative benchmark: {args.model.name}, {args.max_tokens} tokens per request, "
-          f"{args.num_prompts} prompts, {args.repeats} repeats, {args.threads} thread(s)"
+          f"{args.num_prompts} prompts, {args.repeats} repeats, {args.threads} thread(s), "
+          + ("pipelined" if pipelined else "sequential") + " rounds"
           + (", single stream in CPU time" if args.cpu_time else ""))
     results, lines = {}, []
     clock = time.process_time if args.cpu_time else time.perf_counter
@@ -203,6 +212,7 @@ def main() -> None:
     args.json.write_text(json.dumps({
         "benchmark": "speculative", "model": str(args.model), "commit": git_commit(),
         "machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
+        "pipelined_rounds": pipelined,
         "max_tokens": args.max_tokens, "prompts": args.num_prompts, "repeats": args.repeats,
         "single_stream_clock": clock.__name__,
         "best": {"draft_exit_layer": best[0], "num_draft_tokens": best[1], "draft_confidence": best[2]},
