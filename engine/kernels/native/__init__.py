@@ -30,9 +30,9 @@ log = logging.getLogger("bitskip.kernels")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "ternary.c", HERE / "decode_block.c", HERE / "attention.c", HERE / "gate.c", HERE / "head.c",
            HERE / "head_screen.c", HERE / "head_codes.c", HERE / "head_step.c", HERE / "draft_loop.c",
-           HERE / "draft_head.c"]
+           HERE / "draft_head.c", HERE / "worker.c"]
 HEADERS = [HERE / "ternary.h", HERE / "attention.h", HERE / "gate.h", HERE / "simd.h", HERE / "team.h", HERE / "head.h",
-           HERE / "head_codes.h"]
+           HERE / "head_codes.h", HERE / "worker.h"]
 # -ffp-contract=off: no float code today, but no FMA may ever change a rounding here.
 FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
 OPENMP = ["-fopenmp"]
@@ -66,7 +66,7 @@ def build(cc: str | None, directory: Path) -> Path:
         # Written under a temporary name, then renamed: concurrent builders never see half a file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
-        r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm"],
+        r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, *map(str, SOURCES), "-lm", "-pthread"],
                            capture_output=True, text=True)
         if r.returncode == 0:
             os.replace(tmp, target)

@@ -31,12 +31,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "head.h"
 #include "head_codes.h"
+#include "worker.h"
 
 /* decode_block.c */
 int bitskip_decode_blocks(const void *blocks, int64_t nblocks, float *h, int64_t n,
@@ -262,6 +260,20 @@ over:
     atomic_store(&p->stop, 1);
 }
 
+typedef struct {
+    const Round *R;
+    Pipe *p;
+    int64_t position;
+    float *states;
+    Scratch *s;
+    int64_t *vpos, *vtab;
+} Verify;
+
+static void verify_job(void *arg) {
+    Verify *v = arg;
+    verifier(v->R, v->p, v->position, v->states, v->s, v->vpos, v->vtab);
+}
+
 static int round_pipelined(const Round *R, int64_t token, int64_t position) {
     int64_t m = R->m, hidden = R->hidden;
     Scratch sd, sv;
@@ -276,19 +288,13 @@ static int round_pipelined(const Round *R, int64_t token, int64_t position) {
     R->verified[0] = m;
     for (int64_t i = 0; i <= m; i++) R->targets[i] = -1;
     if (ok) {
-        int both = 0;
-#pragma omp parallel num_threads(2)
-        {
-#ifdef _OPENMP
-            both = omp_get_num_threads() == 2;
-            if (both && omp_get_thread_num() == 1) verifier(R, &p, position, states, &sv, vpos, vtab);
-            if (both && omp_get_thread_num() == 0) drafter(R, &p, token, position, states, h, &sd);
-#endif
-        }
-        if (!both) {  /* one thread after all: draft everything, then verify it */
-            drafter(R, &p, token, position, states, h, &sd);
-            verifier(R, &p, position, states, &sv, vpos, vtab);
-        }
+        Verify job = {R, &p, position, states, &sv, vpos, vtab};
+        int64_t ticket = worker_start(verify_job, &job);
+        drafter(R, &p, token, position, states, h, &sd);
+        if (ticket < 0)  /* no second thread after all: verify what was drafted */
+            verify_job(&job);
+        else
+            worker_wait(ticket);
     }
     free(h), free(states), free(vpos), free(vtab), scratch_free(&sd), scratch_free(&sv);
     return atomic_load(&p.failed) ? -1 : 0;
