@@ -285,8 +285,8 @@ class ModelRunner:
                       m: int) -> tuple[list[list[int]], list[list[int]]]:
         """Whole greedy rounds (`native_drafts.round`): the drafts as greedy_drafts makes them,
         then blocks depth+1..layers over x0, d1, .., d_m, writing KV at every layer for positions
-        start..start + m. Returns each sequence's verified drafts (m; a pipelined round, one
-        sequence on two cores, stops at the first the full model rejects) and the argmax at
+        start..start + m. Returns each sequence's verified drafts (m; a pipelined round, on two
+        cores, stops at the first the full model rejects) and the argmax at
         `layers` after x0 and each of them: the full model's own tokens, for the caller to compare."""
         cache = self.kv_cache
         drafts, targets, ran = self.native_drafts.round(

@@ -124,9 +124,10 @@ def test_pipelined_round_is_full_depth_up_to_the_first_rejected_draft(model_and_
         assert kept < m * len(PROMPTS), "the test needs a rejected draft"
 
 
-def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine, monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
+def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine, monkeypatch, pipeline):
     _, engine = model_and_engine
-    monkeypatch.setattr(engine.runner.native_drafts, "pipeline", False)  # alone: every draft verified too
+    monkeypatch.setattr(engine.runner.native_drafts, "pipeline", pipeline)
     L = engine.model_config.num_hidden_layers
     alone = []
     for p in PROMPTS:

@@ -12,12 +12,13 @@
  * through the runner for a greedy round (a draft call, then a verify row in the step's forward),
  * without the trips through Python: on a small model they cost as much as the blocks.
  *
- * A round of one sequence may be pipelined on two threads: one drafts (blocks 1..E and the
- * draft head, position after position) while the other verifies (blocks E+1..L and the exact head
- * over every state drafted so far), and the round ends at the first draft the full model rejects,
- * the drafter stopping before its next block. On a CPU where one row's block is too small to
- * share between threads, this is what a second core can do for one stream: a kept token costs the
- * longer of the two halves, not their sum. The arithmetic of every block and head is the same
+ * A round may instead be pipelined on two threads, one sequence after another: one thread drafts
+ * (blocks 1..E and the draft head, position after position) while the other, the worker
+ * (worker.c), verifies (blocks E+1..L and the exact head over every state drafted so far), and the
+ * sequence's round ends at the first draft the full model rejects, the drafter stopping before its
+ * next block. On a CPU where one row's block is too small to share between threads, this is what a
+ * second core can do for a stream: a kept token costs the longer of the two halves, not their sum,
+ * and no draft past a rejected one is computed. The arithmetic of every block and head is the same
  * whichever thread runs it, so the round's tokens and KV are those of the sequential round.
  *
  * The draft head (Head.approx) may be an estimate (draft_head.c): a draft is kept only where the
@@ -139,7 +140,7 @@ typedef struct {
     float *cache_k, *cache_v;
     const float *rope_cos, *rope_sin, *embed;
     const Head *draft_head, *head;
-    int64_t *drafts, *targets, *verified, *ran;  /* outputs, see bitskip_round_greedy */
+    int64_t *drafts, *targets, *known, *ran;     /* outputs, see bitskip_round_greedy */
 } Round;
 
 /* Blocks E+1..L and the exact head over `rows` consecutive positions of row r, the first of
@@ -184,17 +185,23 @@ static int round_sequential(const Round *R, int64_t *tokens, int64_t *positions,
                                    R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, nthreads);
     if (rc == 0) rc = head_argmax(R->head, states, rows, hidden, &s, R->targets, nthreads);
     for (int64_t l = 0; rc == 0 && l < R->depth + R->nrest; l++) R->ran[l] += rows;
-    for (int64_t r = 0; r < n; r++) R->verified[r] = m;
+    for (int64_t r = 0; r < n; r++) R->known[r] = m + 1;
     free(h), free(states), free(vpos), free(vtab), scratch_free(&s);
     return rc;
 }
 
-/* The pipelined round of one sequence: what the drafter has handed the verifier so far. */
+/* The pipelined round of row r: its buffers, and what the drafter has handed the verifier so far. */
 typedef struct {
-    atomic_llong ready;    /* positions whose layer-E state is in `states` */
-    atomic_llong drafted;  /* drafts made */
-    atomic_int stop;       /* the verify is over (a draft rejected, or every position verified) */
-    atomic_int failed;     /* a side had no memory */
+    const Round *R;
+    int64_t r, x0, position;    /* the row, its token x0 and x0's position */
+    int64_t *tables;             /* the row's cache blocks of layers 1..E [depth, 1, width] */
+    float *h, *states;           /* the drafter's row; the layer-E states of x0, d1, .. [m + 1, hidden] */
+    int64_t *vpos, *vtab;        /* the verify's positions and tables */
+    Scratch draft, verify;       /* each side's head buffers */
+    atomic_llong ready;          /* positions whose layer-E state is in `states` */
+    atomic_llong drafted;        /* drafts made */
+    atomic_int stop;             /* the verify is over (a draft rejected, or every position verified) */
+    atomic_int failed;           /* a side had no memory */
 } Pipe;
 
 /* Wait until *counter > after, or the round has failed; a few hundred microseconds of pauses (a
@@ -214,20 +221,22 @@ static void pipe_wait(const atomic_llong *counter, int64_t after, const atomic_i
 
 /* x0, d1, .., d_m through blocks 1..E, each state handed to the verifier as soon as it is
  * computed, then the draft head's next token; stops before a block once the verify is over. */
-static void drafter(const Round *R, Pipe *p, int64_t token, int64_t position, float *states, float *h, Scratch *s) {
+static void drafter(Pipe *p) {
+    const Round *R = p->R;
+    int64_t token = p->x0, position = p->position, *drafts = R->drafts + p->r * R->m;
     for (int64_t i = 0; i <= R->m; i++, position++) {
-        memcpy(h, R->embed + token * R->hidden, sizeof(float) * (size_t)R->hidden);
-        int64_t done = bitskip_decode_blocks_until(R->blocks, R->depth, h, 1, &position, R->tables, R->width,
+        memcpy(p->h, R->embed + token * R->hidden, sizeof(float) * (size_t)R->hidden);
+        int64_t done = bitskip_decode_blocks_until(R->blocks, R->depth, p->h, 1, &position, p->tables, R->width,
                                                    R->block_size, R->cache_k, R->cache_v, R->rope_cos,
                                                    R->rope_sin, 1, &p->stop);
         if (done < 0) break;
         for (int64_t l = 0; l < done; l++) R->ran[l] += 1;
         if (done < R->depth) return;  /* stopped */
-        memcpy(states + i * R->hidden, h, sizeof(float) * (size_t)R->hidden);
+        memcpy(p->states + i * R->hidden, p->h, sizeof(float) * (size_t)R->hidden);
         atomic_store_explicit(&p->ready, i + 1, memory_order_release);
         if (i == R->m) return;
-        if (head_argmax(R->draft_head, h, 1, R->hidden, s, &token, 1) != 0) break;
-        R->drafts[i] = token;
+        if (head_argmax(R->draft_head, p->h, 1, R->hidden, &p->draft, &token, 1) != 0) break;
+        drafts[i] = token;
         atomic_store_explicit(&p->drafted, i + 1, memory_order_release);
     }
     atomic_store(&p->failed, 1);
@@ -235,23 +244,25 @@ static void drafter(const Round *R, Pipe *p, int64_t token, int64_t position, fl
 
 /* Verifies whatever the drafter has handed over, in order, until a draft differs from the full
  * model's token or all m + 1 positions are verified; then stops the drafter. */
-static void verifier(const Round *R, Pipe *p, int64_t position, float *states, Scratch *s, int64_t *vpos,
-                     int64_t *vtab) {
-    int64_t v = 0, *drafts = R->drafts, *targets = R->targets;
-    while (v <= R->m) {
+static void verifier(void *arg) {
+    Pipe *p = arg;
+    const Round *R = p->R;
+    int64_t v = 0, m = R->m, *drafts = R->drafts + p->r * m, *targets = R->targets + p->r * (m + 1);
+    while (v <= m) {
         pipe_wait(&p->ready, v, &p->failed);
         if (atomic_load(&p->failed)) break;
         int64_t ready = atomic_load_explicit(&p->ready, memory_order_acquire);
-        if (verify(R, 0, v, ready - v, position + v, states + v * R->hidden, s, vpos, vtab) != 0) {
+        if (verify(R, p->r, v, ready - v, p->position + v, p->states + v * R->hidden, &p->verify, p->vpos,
+                   p->vtab) != 0) {
             atomic_store(&p->failed, 1);
             break;
         }
         for (; v < ready; v++) {
-            if (v == R->m) goto over;
+            if (v == m) goto over;
             pipe_wait(&p->drafted, v, &p->failed);
             if (atomic_load(&p->failed)) goto over;
             if (drafts[v] != targets[v]) {
-                R->verified[0] = v + 1;
+                R->known[p->r] = v + 1;
                 goto over;
             }
         }
@@ -260,62 +271,53 @@ over:
     atomic_store(&p->stop, 1);
 }
 
-typedef struct {
-    const Round *R;
-    Pipe *p;
-    int64_t position;
-    float *states;
-    Scratch *s;
-    int64_t *vpos, *vtab;
-} Verify;
-
-static void verify_job(void *arg) {
-    Verify *v = arg;
-    verifier(v->R, v->p, v->position, v->states, v->s, v->vpos, v->vtab);
-}
-
-static int round_pipelined(const Round *R, int64_t token, int64_t position) {
-    int64_t m = R->m, hidden = R->hidden;
-    Scratch sd, sv;
-    float *h = malloc(sizeof(float) * (size_t)hidden), *states = malloc(sizeof(float) * (size_t)((m + 1) * hidden));
-    int64_t *vpos = malloc(sizeof(int64_t) * (size_t)(m + 1));
-    int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * (m + 1) * R->width));
-    int ok = h && states && vpos && vtab;
-    ok = scratch_alloc(&sd, 1, hidden, R->head->vocab) == 0 && ok;
-    ok = scratch_alloc(&sv, m + 1, hidden, R->head->vocab) == 0 && ok;
-    Pipe p;
+/* Row r's round, pipelined: the drafter on this thread, the verifier on the worker (worker.c), or
+ * one after the other when the worker is busy. Returns 0, or -1 without memory. */
+static int round_pipelined(const Round *R, int64_t r, int64_t token, int64_t position) {
+    int64_t m = R->m, hidden = R->hidden, width = R->width;
+    Pipe p = {.R = R, .r = r, .x0 = token, .position = position};
+    p.tables = malloc(sizeof(int64_t) * (size_t)(R->depth * width));
+    p.h = malloc(sizeof(float) * (size_t)hidden);
+    p.states = malloc(sizeof(float) * (size_t)((m + 1) * hidden));
+    p.vpos = malloc(sizeof(int64_t) * (size_t)(m + 1));
+    p.vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * (m + 1) * width));
+    int ok = p.tables && p.h && p.states && p.vpos && p.vtab;
+    ok = scratch_alloc(&p.draft, 1, hidden, R->head->vocab) == 0 && ok;
+    ok = scratch_alloc(&p.verify, m + 1, hidden, R->head->vocab) == 0 && ok;
     atomic_init(&p.ready, 0), atomic_init(&p.drafted, 0), atomic_init(&p.stop, 0), atomic_init(&p.failed, !ok);
-    R->verified[0] = m;
-    for (int64_t i = 0; i <= m; i++) R->targets[i] = -1;
+    R->known[r] = m + 1;
     if (ok) {
-        Verify job = {R, &p, position, states, &sv, vpos, vtab};
-        int64_t ticket = worker_start(verify_job, &job);
-        drafter(R, &p, token, position, states, h, &sd);
+        for (int64_t l = 0; l < R->depth; l++)
+            memcpy(p.tables + l * width, R->tables + (l * R->n + r) * width, sizeof(int64_t) * (size_t)width);
+        int64_t ticket = worker_start(verifier, &p);
+        drafter(&p);
         if (ticket < 0)  /* no second thread after all: verify what was drafted */
-            verify_job(&job);
+            verifier(&p);
         else
             worker_wait(ticket);
     }
-    free(h), free(states), free(vpos), free(vtab), scratch_free(&sd), scratch_free(&sv);
+    free(p.tables), free(p.h), free(p.states), free(p.vpos), free(p.vtab);
+    scratch_free(&p.draft), scratch_free(&p.verify);
     return atomic_load(&p.failed) ? -1 : 0;
 }
 
 /* A whole greedy round of n rows drafting m tokens each at exit `depth` and verified by blocks
  * depth+1..depth+nrest (`rest`: the first of them): tokens [n] x0 and positions [n] x0's,
  * tables [depth + nrest, n, width]. Writes drafts [n, m], targets [n, m + 1] (the full model's
- * argmax after x0, d1, .., d_m), verified [n] (the drafts verified: row r's targets are valid up
- * to index verified[r], and past a draft that differs from its target nothing is) and adds each
- * block's token-blocks run to ran [depth + nrest]. With `pipeline`, a round of one row is
- * pipelined on two threads (verified[0] stops at the first rejected draft); else it is sequential
- * on `nthreads` (every draft verified). Returns 0, or -1 without memory. */
+ * argmax after x0, d1, .., d_m; row r's first known[r]) and adds each block's token-blocks run to
+ * ran [depth + nrest]. With `pipeline`, each row's round in turn is pipelined on two threads and
+ * ends at its first rejected draft (known[r]: up to the target that rejects it); else the rows'
+ * rounds run together on `nthreads` (known[r] = m + 1). Returns 0, or -1 without memory. */
 int bitskip_round_greedy(const void *blocks, const void *rest, int64_t depth, int64_t nrest, int64_t n,
                          int64_t m, int64_t *tokens, int64_t *positions, const int64_t *tables, int64_t width,
                          int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
                          const float *rope_sin, const float *embed, int64_t hidden, const Head *draft_head,
-                         const Head *head, int64_t *drafts, int64_t *targets, int64_t *verified, int64_t *ran,
+                         const Head *head, int64_t *drafts, int64_t *targets, int64_t *known, int64_t *ran,
                          int pipeline, int nthreads) {
     Round R = {blocks, rest, depth, nrest, n, m, hidden, width, block_size, tables, cache_k, cache_v,
-               rope_cos, rope_sin, embed, draft_head, head, drafts, targets, verified, ran};
-    if (n == 1 && pipeline) return round_pipelined(&R, tokens[0], positions[0]);
-    return round_sequential(&R, tokens, positions, nthreads);
+               rope_cos, rope_sin, embed, draft_head, head, drafts, targets, known, ran};
+    if (!pipeline) return round_sequential(&R, tokens, positions, nthreads);
+    for (int64_t r = 0; r < n; r++)
+        if (round_pipelined(&R, r, tokens[r], positions[r]) != 0) return -1;
+    return 0;
 }

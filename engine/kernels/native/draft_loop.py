@@ -45,10 +45,10 @@ class GreedyDrafts:
         self._copy = copy  # kept too: the draft head reads its codes
         self._head = self._struct(self._screened, False)
         self._draft_head = self._struct(copy, True) if self.estimated else self._head
-        # A round of one sequence drafts on one core while another verifies (draft_loop.c). The
-        # blocks of one row are too small to share between threads, so this is the one way a
-        # second core speeds up a single stream; rounds of several sequences share a step's
-        # rows instead.
+        # Each sequence's round drafts on one core while another verifies (draft_loop.c), ending
+        # at its first rejected draft. A block of one row is too small to share between threads,
+        # so this is how a second core speeds up a stream; off, the rounds of a step run together
+        # on the engine's threads, every draft verified.
         self.pipeline = len(os.sched_getaffinity(0)) >= 2
 
     def _struct(self, copy: ScreenedHead | None, approx: bool) -> _Head:
@@ -93,20 +93,20 @@ class GreedyDrafts:
         """A greedy round of each row (x0 = tokens[r] at starts[r]): m drafts through blocks
         1..depth, then the verify through blocks depth+1..layers, KV written at every layer for
         positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous. Returns
-        each row's verified drafts (m, or up to the first the full model rejects: a pipelined
-        round, one row with `pipeline`, ends there), the full model's
-        argmax after x0 and each of them, and the token-blocks run at each layer. Plain ctypes
-        arrays in and out: no tensor is made per round."""
+        each row's drafts and the full model's argmax after x0, d1, .. (m and m + 1; a pipelined
+        round, with `pipeline`, ends at its first rejected draft d_i: i of each, the last target
+        the full model's token in its place), and the token-blocks run at each layer. Plain
+        ctypes arrays in and out: no tensor is made per round."""
         n, i64 = len(tokens), ctypes.c_int64
         token, position = (i64 * n)(*tokens), (i64 * n)(*starts)
-        drafts, targets, verified, ran = (i64 * (n * m))(), (i64 * (n * (m + 1)))(), (i64 * n)(), (i64 * layers)()
+        drafts, targets, known, ran = (i64 * (n * m))(), (i64 * (n * (m + 1)))(), (i64 * n)(), (i64 * layers)()
         b = self.blocks
         if b.lib.bitskip_round_greedy(
                 b._base, b._base + depth * b._size, depth, layers - depth, n, m, token, position,
                 tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(), cache_v.data_ptr(),
                 rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(), self.embed.shape[1],
-                ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets, verified, ran,
+                ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets, known, ran,
                 int(self.pipeline), torch.get_num_threads()) != 0:
             raise MemoryError("native greedy round: out of memory for its buffers")
-        return ([drafts[r * m:r * m + verified[r]] for r in range(n)],
-                [targets[r * (m + 1):r * (m + 1) + verified[r] + 1] for r in range(n)], list(ran))
+        return ([drafts[r * m:r * m + min(known[r], m)] for r in range(n)],
+                [targets[r * (m + 1):r * (m + 1) + known[r]] for r in range(n)], list(ran))
