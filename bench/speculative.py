@@ -1,6 +1,6 @@
 """Self-speculative decoding against full-depth greedy decoding, at identical output.
 
-    python bench/speculative.py                       # default model, E in its exit points + its default, k 2..6
+    python bench/speculative.py                       # default model, E in its exit points + its default, k 2..6 + its default
     python bench/speculative.py --draft-exits 6 --draft-tokens 2,3 --draft-confidence 0,0.1 --skip-server
 
 Single stream: greedy decode of held-out prompts in this process, one request at a time, every
@@ -166,7 +166,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     ap.add_argument("--prompts", type=Path, default=None, help="text file (default: the model's heldout_sample.txt)")
     ap.add_argument("--draft-exits", default=None,
-                    help="comma-separated (default: the model's exit points and its default draft exit)")
+                    help="comma-separated (default: the model's exit points and its default draft exit; "
+                         "then k also takes the model's default beside --draft-tokens)")
     ap.add_argument("--draft-tokens", default="2,3,4,5,6")
     ap.add_argument("--draft-confidence", default="0", help="comma-separated thresholds (0: always draft k)")
     ap.add_argument("--num-prompts", type=int, default=4)
@@ -192,7 +193,8 @@ def main() -> None:
     c = engine.model_config
     exits = ([int(x) for x in args.draft_exits.split(",")] if args.draft_exits  # exit points, and the default's
              else sorted({p for p in c.exit_points if p < c.num_hidden_layers} | {engine.speculative_rule().draft_exit_layer}))
-    ks = [int(x) for x in args.draft_tokens.split(",")]
+    ks = sorted({int(x) for x in args.draft_tokens.split(",")}  # and the model's default k, unless asked
+                | (set() if args.draft_exits else {engine.speculative_rule().num_draft_tokens}))
     taus = [float(x) for x in args.draft_confidence.split(",")]
     configs = [FULL] + [(e, k, tau) for e in exits for tau in taus for k in ks]
     text = args.prompts or args.model / "heldout_sample.txt"
