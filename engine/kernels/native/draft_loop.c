@@ -27,7 +27,6 @@
  * states and KV left are the decode block's, the same bits the runner's native path computes.
  */
 #include <math.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -143,16 +142,22 @@ typedef struct {
     int64_t *drafts, *targets, *known, *ran;     /* outputs, see bitskip_round_greedy */
 } Round;
 
+/* Row r's cache blocks of layers first+1..first+layers into rows at..at+count-1 of dst
+ * [layers, rows, width]. */
+static void row_tables(const Round *R, int64_t r, int64_t first, int64_t layers, int64_t *dst, int64_t rows,
+                       int64_t at, int64_t count) {
+    for (int64_t l = 0; l < layers; l++)
+        for (int64_t i = at; i < at + count; i++)
+            memcpy(dst + (l * rows + i) * R->width, R->tables + ((first + l) * R->n + r) * R->width,
+                   sizeof(int64_t) * (size_t)R->width);
+}
+
 /* Blocks E+1..L and the exact head over `rows` consecutive positions of row r, the first of
  * them at `position`, drafts numbered from `first`: states [rows, hidden] (in place) -> targets. */
 static int verify(const Round *R, int64_t r, int64_t first, int64_t rows, int64_t position, float *states,
                   Scratch *s, int64_t *vpos, int64_t *vtab) {
-    for (int64_t i = 0; i < rows; i++) {
-        vpos[i] = position + i;
-        for (int64_t l = 0; l < R->nrest; l++)
-            memcpy(vtab + (l * rows + i) * R->width, R->tables + ((R->depth + l) * R->n + r) * R->width,
-                   sizeof(int64_t) * (size_t)R->width);
-    }
+    for (int64_t i = 0; i < rows; i++) vpos[i] = position + i;
+    row_tables(R, r, R->depth, R->nrest, vtab, rows, 0, rows);
     if (bitskip_decode_blocks_until(R->rest, R->nrest, states, rows, vpos, vtab, R->width, R->block_size,
                                     R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, 1, NULL) < 0)
         return -1;
@@ -169,13 +174,10 @@ static int round_sequential(const Round *R, int64_t *tokens, int64_t *positions,
     int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * rows * R->width));
     int rc = h && states && vpos && vtab && scratch_alloc(&s, rows, hidden, R->head->vocab) == 0 ? 0 : -1;
     /* Position i of row r is verify row r (m + 1) + i, with row r's cache blocks at every layer. */
-    for (int64_t r = 0; rc == 0 && r < n; r++)
-        for (int64_t i = 0; i <= m; i++) {
-            vpos[r * (m + 1) + i] = positions[r] + i;
-            for (int64_t l = 0; l < R->nrest; l++)
-                memcpy(vtab + (l * rows + r * (m + 1) + i) * R->width, R->tables + ((R->depth + l) * n + r) * R->width,
-                       sizeof(int64_t) * (size_t)R->width);
-        }
+    for (int64_t r = 0; rc == 0 && r < n; r++) {
+        for (int64_t i = 0; i <= m; i++) vpos[r * (m + 1) + i] = positions[r] + i;
+        row_tables(R, r, R->depth, R->nrest, vtab, rows, r * (m + 1), m + 1);
+    }
     if (rc == 0)
         rc = chain(R->blocks, R->depth, n, m + 1, m, tokens, positions, R->tables, R->width, R->block_size,
                    R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, R->embed, hidden, R->draft_head, R->drafts,
@@ -204,18 +206,12 @@ typedef struct {
     atomic_int failed;           /* a side had no memory */
 } Pipe;
 
-/* Wait until *counter > after, or the round has failed; a few hundred microseconds of pauses (a
- * drafted position takes about that long), then yielding the core. */
+/* Wait until *counter > after, or the round has failed (worker_relax: a drafted position takes a
+ * few hundred microseconds). */
 static void pipe_wait(const atomic_llong *counter, int64_t after, const atomic_int *failed) {
     for (int spins = 0; atomic_load_explicit(counter, memory_order_acquire) <= after; spins++) {
         if (atomic_load_explicit(failed, memory_order_relaxed)) return;
-#if defined(__x86_64__)
-        if (spins < 8000) {
-            __builtin_ia32_pause();
-            continue;
-        }
-#endif
-        sched_yield();
+        worker_relax(spins);
     }
 }
 
@@ -287,8 +283,7 @@ static int round_pipelined(const Round *R, int64_t r, int64_t token, int64_t pos
     atomic_init(&p.ready, 0), atomic_init(&p.drafted, 0), atomic_init(&p.stop, 0), atomic_init(&p.failed, !ok);
     R->known[r] = m + 1;
     if (ok) {
-        for (int64_t l = 0; l < R->depth; l++)
-            memcpy(p.tables + l * width, R->tables + (l * R->n + r) * width, sizeof(int64_t) * (size_t)width);
+        row_tables(R, r, 0, R->depth, p.tables, 1, 0, 1);
         int64_t ticket = worker_start(verifier, &p);
         drafter(&p);
         if (ticket < 0)  /* no second thread after all: verify what was drafted */

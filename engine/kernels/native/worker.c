@@ -1,16 +1,16 @@
 /* The worker thread (worker.h): started at its first job and kept. Between jobs it spins for a
  * while before it sleeps, because the jobs of a stream come in quick succession (a speculative
  * round every few milliseconds, the engine's Python between them ~0.3 ms) and a core that has
- * gone idle is slow to get back: on this repository's 2-core VM, sleeping between rounds (what
- * OMP_WAIT_POLICY=PASSIVE does to an OpenMP team) cost a single stream ~7% of its tokens/s
- * against keeping the core busy. After SPIN_SECONDS without work it sleeps on a condition
- * variable, so an idle server keeps no core busy.
+ * gone idle is slow to get back: on this repository's 2-core VM, an OpenMP team under
+ * OMP_WAIT_POLICY=PASSIVE (how the server runs), which sleeps between rounds, gave a stream
+ * 1.34-1.46x full depth's tokens/s against 1.48-1.58x spinning (default model, E=14/16, k=12/16,
+ * alternated runs). After SPIN_SECONDS without work it sleeps on a condition variable, so an idle
+ * server keeps no core busy.
  *
  * One job at a time: a second caller while a job runs is told to do its work itself. A child
  * process (fork) starts its own worker.
  */
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <time.h>
@@ -35,18 +35,12 @@ static double seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static inline void relax(void) {
-#if defined(__x86_64__)
-    __builtin_ia32_pause();
-#endif
-}
-
 static void *worker_main(void *unused) {
     (void)unused;
     for (long long seen = 0;; ) {
         double idle = seconds();
         for (int spins = 1; atomic_load_explicit(&W.posted, memory_order_acquire) == seen; spins++) {
-            relax();
+            worker_relax(spins);
             if (spins % 256 || seconds() - idle < SPIN_SECONDS) continue;
             pthread_mutex_lock(&W.lock);
             W.sleeping = 1;
@@ -96,9 +90,6 @@ int64_t worker_start(void (*fn)(void *), void *arg) {
 }
 
 void worker_wait(int64_t ticket) {
-    for (int spins = 0; atomic_load_explicit(&W.done, memory_order_acquire) < ticket; spins++) {
-        if (spins < 8000) relax();
-        else sched_yield();
-    }
+    for (int spins = 0; atomic_load_explicit(&W.done, memory_order_acquire) < ticket; spins++) worker_relax(spins);
     atomic_flag_clear(&W.busy);
 }
