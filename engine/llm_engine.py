@@ -139,8 +139,8 @@ class LLMEngine:
         if draft_exit_layer is None:
             shallow = [p for p in self.model_config.exit_points if p < L]
             draft_exit_layer = gen.get("draft_exit_layer", shallow[0] if shallow else max(1, L // 4))
-        if num_draft_tokens is None:
-            num_draft_tokens = gen.get("num_draft_tokens", 4)
+        if num_draft_tokens is None:  # the checkpoint's default, within what this engine's budget allows
+            num_draft_tokens = min(gen.get("num_draft_tokens", 4), self.speculative_draft_limit)
         if draft_confidence is None:
             draft_confidence = gen.get("draft_confidence", 0.0)
         if type(draft_exit_layer) is not int or not 1 <= draft_exit_layer < L:

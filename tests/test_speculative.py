@@ -209,5 +209,8 @@ def test_rule_validation(tmp_path):
         engine.speculative_rule(2, 6)
     with pytest.raises(ValueError, match=r"num_draft_tokens must be in 1\.\.16"):
         SpeculativeRule(2, 0)
+    # A checkpoint's default k past this engine's budget is served within it; a request's own is refused.
+    engine.generation_config = {**engine.generation_config, "num_draft_tokens": 16}
+    assert engine.speculative_rule() == SpeculativeRule(1, 5)
     with pytest.raises(ValueError, match="exit_layer applies to the fixed policy only"):
         engine.add_request(PROMPT, GREEDY, exit_layer=2, speculative=SpeculativeRule(1))
