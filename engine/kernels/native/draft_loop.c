@@ -152,6 +152,9 @@ static void row_tables(const Round *R, int64_t r, int64_t first, int64_t layers,
                    sizeof(int64_t) * (size_t)R->width);
 }
 
+/* Rows of a pipelined verify's exact head per call. */
+#define VERIFY_HEAD_ROWS 4
+
 /* Blocks E+1..L and the exact head over `rows` consecutive positions of row r, the first of
  * them at `position`, drafts numbered from `first`: states [rows, hidden] (in place) -> targets. */
 static int verify(const Round *R, int64_t r, int64_t first, int64_t rows, int64_t position, float *states,
@@ -162,7 +165,15 @@ static int verify(const Round *R, int64_t r, int64_t first, int64_t rows, int64_
                                     R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, 1, NULL) < 0)
         return -1;
     for (int64_t l = R->depth; l < R->depth + R->nrest; l++) R->ran[l] += rows;
-    return head_argmax(R->head, states, rows, R->hidden, s, R->targets + r * (R->m + 1) + first, 1);
+    /* The head a few rows at a time: its logits buffer stays small (a round's m + 1 rows of a 4096
+     * vocabulary were a fresh 0.3 MB and its page faults every round). */
+    for (int64_t i = 0; i < rows; i += VERIFY_HEAD_ROWS) {
+        int64_t some = rows - i < VERIFY_HEAD_ROWS ? rows - i : VERIFY_HEAD_ROWS;
+        if (head_argmax(R->head, states + i * R->hidden, some, R->hidden, s,
+                        R->targets + r * (R->m + 1) + first + i, 1) != 0)
+            return -1;
+    }
+    return 0;
 }
 
 /* The sequential round (any n): every draft, then one verify over all n (m + 1) positions. */
@@ -279,7 +290,7 @@ static int round_pipelined(const Round *R, int64_t r, int64_t token, int64_t pos
     p.vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * (m + 1) * width));
     int ok = p.tables && p.h && p.states && p.vpos && p.vtab;
     ok = scratch_alloc(&p.draft, 1, hidden, R->head->vocab) == 0 && ok;
-    ok = scratch_alloc(&p.verify, m + 1, hidden, R->head->vocab) == 0 && ok;
+    ok = scratch_alloc(&p.verify, VERIFY_HEAD_ROWS, hidden, R->head->vocab) == 0 && ok;
     atomic_init(&p.ready, 0), atomic_init(&p.drafted, 0), atomic_init(&p.stop, 0), atomic_init(&p.failed, !ok);
     R->known[r] = m + 1;
     if (ok) {
