@@ -51,7 +51,7 @@ class StepOutput:
     finished: bool
     error: str | None = None
     exit_layer: int | None = None  # the depth the token's logits came from
-    speculated: tuple[int, int] | None = None  # (drafted, accepted) of the round this token ends
+    speculated: tuple[int, int] | None = None  # (drafted, accepted) of the verify that emitted this token first
 
 
 class LLMEngine:
@@ -399,9 +399,8 @@ class LLMEngine:
             for (depth, m, layers), group in rounds.items():
                 kvs, x0, starts = [seq.kv for seq in group], [seq.all_ids[-1] for seq in group], [seq.num_computed for seq in group]
                 if layers is not None:
-                    drafts, targets = self.runner.greedy_rounds(kvs, x0, starts, depth, layers, m)
-                    for seq, d, t in zip(group, drafts, targets):
-                        seq.speculation.take_round(d, t)
+                    for seq, verified in zip(group, self.runner.greedy_rounds(kvs, x0, starts, depth, layers, m)):
+                        seq.speculation.take_round(verified)
                     continue
                 drafts, states = self.runner.greedy_drafts(kvs, x0, starts, depth, m)
                 for seq, d, st in zip(group, drafts.tolist(), states):
@@ -425,8 +424,12 @@ class LLMEngine:
                     break
         except Exception as e:
             return emitted + [self._failed(seq, e)]
-        if emitted:
-            emitted[0].speculated = seq.speculation.last_round
+        # Each verify's (drafted, accepted) rides on the first token it emitted.
+        first = 0
+        for drafted, accepted in seq.speculation.verifies:
+            if first < len(emitted):
+                emitted[first].speculated = (drafted, accepted)
+            first += accepted + 1
         return emitted
 
     def _append_token(self, seq: Sequence, token: int, logits: torch.Tensor, exit_layer: int) -> StepOutput:

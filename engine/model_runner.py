@@ -30,7 +30,7 @@ from .decode_graphs import DecodeGraphs
 from .exit_policy import ConfidenceRule
 from .kernels.native import library
 from .kernels.native.block import decode_blocks
-from .kernels.native.draft_loop import GreedyDrafts
+from .kernels.native.draft_loop import GreedyDrafts, GreedyRound
 from .kernels.native.head_step import NativeHead
 from .kv_cache import KVCache, SequenceKV
 from .lean_decode import LeanDecode
@@ -284,19 +284,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def greedy_rounds(self, kvs: list[SequenceKV], tokens: list[int], starts: list[int], depth: int, layers: int,
-                      m: int) -> tuple[list[list[int]], list[list[int]]]:
-        """Whole greedy rounds (`native_drafts.round`): the drafts as greedy_drafts makes them,
-        then blocks depth+1..layers over x0, d1, .., d_m, writing KV at every layer for positions
-        start..start + m. Returns each sequence's verified drafts (m; a pipelined round, on two
-        cores, stops at the first the full model rejects) and the argmax at
-        `layers` after x0 and each of them: the full model's own tokens, for the caller to compare."""
+                      m: int) -> list[GreedyRound]:
+        """Whole greedy rounds (`native_drafts.round`): drafts through blocks 1..depth as
+        greedy_drafts makes them, verified through blocks depth+1..layers, with room for m drafts:
+        KV written at every layer for positions start..start + m. Returns each sequence's round:
+        the full model's greedy tokens after x0 (its kept drafts and own next tokens), and each
+        verify's (drafts read, drafts kept)."""
         cache = self.kv_cache
-        drafts, targets, ran = self.native_drafts.round(
+        rounds, ran = self.native_drafts.round(
             depth, layers, m, tokens, starts, self._round_tables(kvs, starts, layers, m + 1), cache.block_size,
             cache.k, cache.v, self.rope_cos, self.rope_sin)
         for layer in range(1, layers + 1):
             self.blocks_run[layer] += ran[layer - 1]
-        return drafts, targets
+        return rounds
 
     def _round_tables(self, kvs: list[SequenceKV], starts: list[int], depth: int, positions: int) -> torch.Tensor:
         """Each sequence's cache blocks of layers 1..depth, long [depth, n, width], for `positions`

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .model_runner import Pending, Row, RowResult
+from .model_runner import GreedyRound, Pending, Row, RowResult
 from .sampler import changes_logits, distribution, reads_only_argmax
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class Speculation:
         self.context = context                    # the model's positions: no round drafts past it
         self.drafted = 0                          # drafted tokens verified so far
         self.accepted = 0                         # ... of which the full model agreed with
-        self.last_round: tuple[int, int] | None = None  # (drafted, accepted) of the latest verify
+        self.verifies: list[tuple[int, int]] = []    # (drafted, accepted) of each verify of the latest round
         self.verified: list[torch.Tensor | None] = []  # the latest verify's logits at L, one a token
         self.reset()
 
@@ -82,7 +82,7 @@ class Speculation:
         self.drafts: list[int] = []
         self.draft_probs: list[torch.Tensor] = []  # q of each draft (temperature > 0 only)
         self.states: list[Pending] = []           # layer-E states of x0, d1, ..
-        self.targets: list[int] | None = None     # a natively verified round: the full model's tokens
+        self.native: GreedyRound | None = None    # a natively verified round (its tokens and verifies)
 
     def plan(self, seq: Sequence, room: int) -> int:
         """For the scheduler: start a round in this step, drafting at most `room` tokens (what
@@ -99,14 +99,14 @@ class Speculation:
 
     @property
     def drafting(self) -> bool:
-        return len(self.drafts) < self.length
+        return self.native is None and len(self.drafts) < self.length
 
     # ---- the runner's rows -----------------------------------------------------------------
     def next_row(self, seq: Sequence, stop_ids: Collection[int]) -> Row | None:
         """The runner's row for the round's next draft, or for its verify once drafting is done.
         Greedy rows whose logits nothing adjusts (`stop_ids`: what min_tokens masks) read only
         argmaxes: they take the argmax-only head. None: the round is verified already (`take_round`)."""
-        if self.targets is not None:
+        if self.native is not None:
             return None
         m, E, L = len(self.drafts), self.rule.draft_exit_layer, seq.exit_layer
         token = self.drafts[-1] if m else seq.all_ids[-1]
@@ -143,11 +143,10 @@ class Speculation:
         self.drafts = drafts
         self.states = [Pending(states, [self.rule.draft_exit_layer] * len(drafts))]
 
-    def take_round(self, drafts: list[int], targets: list[int]) -> None:
-        """A whole round from the runner's native greedy rounds: the verified drafts (a pipelined
-        round ends at the first the full model rejects: the round's length) and the full model's
-        argmax after x0 and each of them (`verify` then compares them)."""
-        self.drafts, self.targets, self.length = drafts, targets, len(drafts)
+    def take_round(self, verified: GreedyRound) -> None:
+        """A whole round from the runner's native greedy rounds, verified already: its tokens and
+        verifies (a pipelined round verifies several times, each from the token the last emitted)."""
+        self.native = verified
 
     def draft(self, seq: Sequence, result: RowResult,
               adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> None:
@@ -176,7 +175,7 @@ class Speculation:
         the sequence's computed length past the accepted ones."""
         params = seq.params
         if result is None:
-            tokens = _accept_greedy(self.drafts, self.targets.__getitem__)
+            tokens, self.verifies = self.native.tokens, self.native.verifies
             self.verified = [None] * len(tokens)  # no logprobs: nothing reads the logits
         else:
             logits = result.logits[seq.exit_layer].cpu()
@@ -187,11 +186,10 @@ class Speculation:
             tokens = (_accept_greedy(self.drafts, lambda i: int(torch.argmax(target(i)))) if params.temperature == 0
                       else _accept_sampled(self.drafts, self.draft_probs, target, params, seq.generator))
             self.verified = logits[:len(tokens)]  # each emitted token's logits, for its logprobs
-        m = len(self.drafts)
-        self.drafted += m
-        self.accepted += len(tokens) - 1
-        self.last_round = (m, len(tokens) - 1)
-        seq.num_computed += len(tokens)  # x0 and the accepted drafts now have KV at every layer
+            self.verifies = [(len(self.drafts), len(tokens) - 1)]
+        self.drafted += sum(d for d, _ in self.verifies)
+        self.accepted += sum(a for _, a in self.verifies)
+        seq.num_computed += len(tokens)  # x0 and every emitted token but the last now have KV at every layer
         self.reset()
         return tokens
 

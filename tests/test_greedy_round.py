@@ -3,8 +3,8 @@
 are the reference model's full-depth tokens after each drafted position, its KV is what full-depth
 processing writes at every layer, a row's round does not depend on its batch; the estimate mostly
 picks the exact head's argmax, and when it picks wrong tokens the output is still full depth's.
-A round of one sequence pipelined on two threads (one drafts while the other verifies, ending at
-the first rejected draft): the same, up to that draft."""
+A pipelined round (on two threads, one drafts while the other verifies; each verify ends at its
+first rejected draft and the next drafts from there) emits the same tokens."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.kernels import native
 from engine.kernels.native import draft_loop
+from engine.kernels.native.draft_loop import GreedyRound
 from engine.kernels.native.screened_head import ScreenedHead
 from engine.speculative import SpeculativeRule
 from models.checkpoint import load_checkpoint
@@ -41,87 +42,70 @@ def loop_with(engine: LLMEngine, lm_head_copy: torch.Tensor | None = None, estim
     return loop
 
 
+def reference_round(model, prompt: list[int], x0: int, draft_exit: int, m: int,
+                    pipelined: bool) -> GreedyRound:
+    """The round the reference model makes with exact drafts: verify after verify (one, or with
+    `pipelined` as many as the round's m + 1 positions hold), each drafting greedily at the draft
+    exit as far as the positions left reach, keeping the drafts the full model's argmax agrees
+    with up to the first it rejects, then the full model's own token."""
+    L = model.config.num_hidden_layers
+    ids, tokens, verifies = prompt + [x0], [], []
+    while len(tokens) < m + 1:
+        room = m - len(tokens)  # drafts this verify may write KV for
+        drafts = ref_greedy(model, ids, draft_exit, room)
+        with torch.no_grad():  # the full model's token after the last emitted and each draft
+            targets = model(torch.tensor([ids + drafts]), [L])[L][0, len(ids) - 1:].argmax(-1).tolist()
+        a = next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), room)
+        verifies.append((a + 1 if a < room else room, a))
+        tokens += drafts[:a] + [targets[a]]
+        ids += drafts[:a] + [targets[a]]
+        if not pipelined:
+            verifies[-1] = (room, a)  # one verify reads every draft
+            break
+    return GreedyRound(tokens, verifies)
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
 @pytest.mark.parametrize("estimate", [False, True], ids=["exact drafts", "estimated drafts"])
-@pytest.mark.parametrize("draft_exit", [1, 3])
-def test_round_targets_are_full_depth_tokens_and_kv_is_full_depth(model_and_engine, monkeypatch, estimate,
-                                                                    draft_exit):
+@pytest.mark.parametrize("draft_exit", [1, 3, 4])
+def test_round_emits_full_depth_tokens_and_kv_is_full_depth(model_and_engine, monkeypatch, pipeline, estimate,
+                                                             draft_exit):
+    """Both rounds of two sequences (together; the pipelined one a sequence at a time): the tokens
+    are the reference model's full-depth greedy continuation, the KV of x0 and every emitted token
+    but the last is a full-depth prefill's at every layer; with exact drafts, the tokens and
+    verifies are the reference round's (draft exit 4 = L drafts the full model's own tokens: one
+    verify keeps them all). Sequential: x0 and every draft run every block once; pipelined: the
+    round's m + 1 positions are all emitted, each run by every block at least once."""
     model, engine = model_and_engine
-    L, m = model.config.num_hidden_layers, 5
-    monkeypatch.setattr(engine.runner, "native_drafts", loop_with(engine, estimate=estimate))
+    L, m = model.config.num_hidden_layers, 6
+    monkeypatch.setattr(engine.runner, "native_drafts", loop_with(engine, estimate=estimate, pipeline=pipeline))
     kvs, x0 = [], []
     for p in PROMPTS:
         kvs.append(prefilled(engine, p, m + 1))
         x0.append(ref_greedy(model, p, L, 1)[0])
     before = list(engine.runner.blocks_run)
-    drafts, targets = engine.runner.greedy_rounds(kvs, x0, [len(p) for p in PROMPTS], draft_exit, L, m)
+    rounds = engine.runner.greedy_rounds(kvs, x0, [len(p) for p in PROMPTS], draft_exit, L, m)
     ran = [b - a for a, b in zip(before, engine.runner.blocks_run)]
-    assert ran[1:] == [(m + 1) * len(PROMPTS)] * L, "x0 and every draft run every block once"
-    for i, (p, kv) in enumerate(zip(PROMPTS, kvs)):
-        ids = p + [x0[i]] + drafts[i]
-        if not estimate:
-            assert drafts[i] == ref_greedy(model, p + [x0[i]], draft_exit, m)
-        with torch.no_grad():  # the full model's token after x0, d1, .., d_m
-            want = model(torch.tensor([ids]), [L])[L][0, len(p):].argmax(-1)
-        assert targets[i] == want.tolist(), f"prompt {i}"
-        ref_cache, ref_kv = full_depth_cache(engine, ids)
-        for layer in range(1, L + 1):
-            got, ref = layer_kv(engine.kv_cache, kv, layer, len(ids)), layer_kv(ref_cache, ref_kv, layer, len(ids))
-            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"prompt {i} layer {layer}"
-        engine.kv_cache.release(kv)
-
-
-def accepted_prefix(drafts: list[int], targets: list[int]) -> int:
-    """Drafts kept: those before the first that differs from the full model's token."""
-    return next((i for i, (d, t) in enumerate(zip(drafts, targets)) if d != t), len(drafts))
-
-
-@pytest.mark.parametrize("estimate", [False, True], ids=["exact drafts", "estimated drafts"])
-@pytest.mark.parametrize("draft_exit", [1, 3, 4])
-def test_pipelined_round_is_full_depth_up_to_the_first_rejected_draft(model_and_engine, monkeypatch, estimate,
-                                                                        draft_exit):
-    """One sequence pipelined on two threads: its drafts are verified up to the first the full model
-    rejects (draft exit 4 = L: the drafts are the full model's own, so all are kept); the targets
-    are the reference full-depth tokens after x0 and each kept draft, the KV of the kept positions
-    is a full-depth prefill's at every layer, and the drafts and targets are the sequential
-    round's (one thread, the same state)."""
-    model, engine = model_and_engine
-    L, m = model.config.num_hidden_layers, 6
-    loop = loop_with(engine, estimate=estimate, pipeline=True)
-    monkeypatch.setattr(engine.runner, "native_drafts", loop)
-    kept, ends = 0, set()
-    for p in PROMPTS:
-        x0 = ref_greedy(model, p, L, 1)[0]
-        kv = prefilled(engine, p, m + 1)
-        before = list(engine.runner.blocks_run)
-        (drafts,), (targets,) = engine.runner.greedy_rounds([kv], [x0], [len(p)], draft_exit, L, m)
-        ran = [b - a for a, b in zip(before, engine.runner.blocks_run)]
-        a = accepted_prefix(drafts, targets)
-        assert a == len(drafts) == m or a == len(drafts) - 1, "verified up to the first rejected draft"
-        ends.add(a == m)
-        kept += a
-        ids = p + [x0] + drafts[:a]
-        with torch.no_grad():  # the full model's token after x0, d1, .., d_a
-            want = model(torch.tensor([ids]), [L])[L][0, len(p):].argmax(-1)
-        assert targets[:a + 1] == want.tolist()
-        if not estimate:
-            assert drafts == ref_greedy(model, p + [x0], draft_exit, len(drafts))
-        ref_cache, ref_kv = full_depth_cache(engine, ids)
-        for layer in range(1, L + 1):
-            got, ref = layer_kv(engine.kv_cache, kv, layer, len(ids)), layer_kv(ref_cache, ref_kv, layer, len(ids))
-            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"layer {layer}"
-        # x0 and the kept drafts ran every block; at most x0 and all m drafts ran any.
-        assert all(a + 1 <= n <= m + 1 for n in ran[1:]), ran
-        engine.kv_cache.release(kv)
-        loop.pipeline = False  # the sequential round on the same state
-        kv = prefilled(engine, p, m + 1)
-        (d1,), (t1,) = engine.runner.greedy_rounds([kv], [x0], [len(p)], draft_exit, L, m)
-        assert d1[:len(drafts)] == drafts and t1[:a + 1] == targets[:a + 1]
-        engine.kv_cache.release(kv)
-        loop.pipeline = True
-    if draft_exit == L:
-        assert ends == {True}, "exit L drafts the full model's own tokens"
+    if pipeline:
+        assert all((m + 1) * len(PROMPTS) <= n for n in ran[1:]), ran
     else:
-        assert kept < m * len(PROMPTS), "the test needs a rejected draft"
+        assert ran[1:] == [(m + 1) * len(PROMPTS)] * L, "x0 and every draft run every block once"
+    for i, (p, kv, got) in enumerate(zip(PROMPTS, kvs, rounds)):
+        assert got.tokens == ref_greedy(model, p + [x0[i]], L, len(got.tokens)), f"prompt {i}"
+        assert len(got.tokens) == sum(a + 1 for _, a in got.verifies)
+        assert len(got.tokens) == m + 1 if pipeline else len(got.verifies) == 1
+        if not estimate:
+            assert got == reference_round(model, p, x0[i], draft_exit, m, pipeline), f"prompt {i}"
+        if draft_exit == L:
+            assert got.verifies == [(m, m)]
+        ids = p + [x0[i]] + got.tokens[:-1]
+        ref_cache, ref_kv = full_depth_cache(engine, ids)
+        for layer in range(1, L + 1):
+            have, ref = layer_kv(engine.kv_cache, kv, layer, len(ids)), layer_kv(ref_cache, ref_kv, layer, len(ids))
+            assert torch.equal(have[0], ref[0]) and torch.equal(have[1], ref[1]), f"prompt {i} layer {layer}"
+        engine.kv_cache.release(kv)
+    if draft_exit < L and pipeline:
+        assert any(d > a for r in rounds for d, a in r.verifies), "the test needs a rejected draft"
 
 
 @pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
@@ -135,9 +119,8 @@ def test_a_rows_round_does_not_depend_on_its_batch(model_and_engine, monkeypatch
         alone.append(engine.runner.greedy_rounds([kv], [9], [len(p)], 2, L, 4))
         engine.kv_cache.release(kv)
     kvs = [prefilled(engine, p, 5) for p in PROMPTS]
-    drafts, targets = engine.runner.greedy_rounds(kvs, [9, 9], [len(p) for p in PROMPTS], 2, L, 4)
-    for i, (d, t) in enumerate(alone):
-        assert drafts[i] == d[0] and targets[i] == t[0]
+    together = engine.runner.greedy_rounds(kvs, [9, 9], [len(p) for p in PROMPTS], 2, L, 4)
+    assert together == [r[0] for r in alone]
     for kv in kvs:
         engine.kv_cache.release(kv)
 

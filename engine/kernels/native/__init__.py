@@ -104,7 +104,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.bitskip_gate.argtypes = [p, p, i64, i64, p]
     lib.bitskip_gate.restype = None
     lib.bitskip_round_greedy.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, i64, p, p, p, p, p, i64, p, p,
-                                         p, p, p, p, ctypes.c_int, ctypes.c_int]
+                                         p, p, p, p, p, p, ctypes.c_int, ctypes.c_int]
     lib.bitskip_round_greedy.restype = ctypes.c_int
     lib.bitskip_draft_head_argmax.argtypes = [p, i64, p, p, i64, p, p]
     lib.bitskip_draft_head_argmax.restype = i64

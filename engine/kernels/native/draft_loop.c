@@ -131,7 +131,7 @@ int bitskip_draft_greedy(const void *blocks, int64_t depth, int64_t n, int64_t m
     return rc;
 }
 
-/* One round: the model's blocks and heads, the sequence(s), and the round's outputs. */
+/* One round: the model's blocks and heads, the sequence(s), and where the outputs go. */
 typedef struct {
     const void *blocks, *rest;                   /* blocks 1..E and E+1..L */
     int64_t depth, nrest, n, m, hidden, width, block_size;
@@ -139,7 +139,7 @@ typedef struct {
     float *cache_k, *cache_v;
     const float *rope_cos, *rope_sin, *embed;
     const Head *draft_head, *head;
-    int64_t *drafts, *targets, *known, *ran;     /* outputs, see bitskip_round_greedy */
+    int64_t *tokens, *emitted, *drafted, *accepted, *verifies, *ran;  /* see bitskip_round_greedy */
 } Round;
 
 /* Row r's cache blocks of layers first+1..first+layers into rows at..at+count-1 of dst
@@ -152,13 +152,29 @@ static void row_tables(const Round *R, int64_t r, int64_t first, int64_t layers,
                    sizeof(int64_t) * (size_t)R->width);
 }
 
+/* Row r's verify of `m` drafts against `targets` (the full model's tokens after x0 and each
+ * draft; `known` of them, up to the first that differs): its tokens (the drafts the full model
+ * agrees with, then its own next token) appended to the row's output. Returns the drafts kept. */
+static int64_t accept(const Round *R, int64_t r, const int64_t *drafts, const int64_t *targets, int64_t m,
+                      int64_t known) {
+    int64_t a = 0, *out = R->tokens + r * (R->m + 1) + R->emitted[r];
+    while (a < known - 1 && drafts[a] == targets[a]) a++;  /* a pipelined verify stops at a mismatch */
+    memcpy(out, drafts, sizeof(int64_t) * (size_t)a);
+    out[a] = targets[a];
+    int64_t v = R->verifies[r]++;
+    R->drafted[r * (R->m + 1) + v] = known <= m ? known : m;  /* a pipelined verify reads up to the rejection */
+    R->accepted[r * (R->m + 1) + v] = a;
+    R->emitted[r] += a + 1;
+    return a;
+}
+
 /* Rows of a pipelined verify's exact head per call. */
 #define VERIFY_HEAD_ROWS 4
 
 /* Blocks E+1..L and the exact head over `rows` consecutive positions of row r, the first of
- * them at `position`, drafts numbered from `first`: states [rows, hidden] (in place) -> targets. */
-static int verify(const Round *R, int64_t r, int64_t first, int64_t rows, int64_t position, float *states,
-                  Scratch *s, int64_t *vpos, int64_t *vtab) {
+ * them at `position`: states [rows, hidden] (in place) -> targets [rows]. */
+static int verify(const Round *R, int64_t r, int64_t rows, int64_t position, float *states, Scratch *s,
+                  int64_t *vpos, int64_t *vtab, int64_t *targets) {
     for (int64_t i = 0; i < rows; i++) vpos[i] = position + i;
     row_tables(R, r, R->depth, R->nrest, vtab, rows, 0, rows);
     if (bitskip_decode_blocks_until(R->rest, R->nrest, states, rows, vpos, vtab, R->width, R->block_size,
@@ -169,9 +185,7 @@ static int verify(const Round *R, int64_t r, int64_t first, int64_t rows, int64_
      * vocabulary were a fresh 0.3 MB and its page faults every round). */
     for (int64_t i = 0; i < rows; i += VERIFY_HEAD_ROWS) {
         int64_t some = rows - i < VERIFY_HEAD_ROWS ? rows - i : VERIFY_HEAD_ROWS;
-        if (head_argmax(R->head, states + i * R->hidden, some, R->hidden, s,
-                        R->targets + r * (R->m + 1) + first + i, 1) != 0)
-            return -1;
+        if (head_argmax(R->head, states + i * R->hidden, some, R->hidden, s, targets + i, 1) != 0) return -1;
     }
     return 0;
 }
@@ -183,7 +197,9 @@ static int round_sequential(const Round *R, int64_t *tokens, int64_t *positions,
     float *h = malloc(sizeof(float) * (size_t)(n * hidden)), *states = malloc(sizeof(float) * (size_t)(rows * hidden));
     int64_t *vpos = malloc(sizeof(int64_t) * (size_t)rows);
     int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * rows * R->width));
-    int rc = h && states && vpos && vtab && scratch_alloc(&s, rows, hidden, R->head->vocab) == 0 ? 0 : -1;
+    int64_t *drafts = malloc(sizeof(int64_t) * (size_t)(n * m + 1)), *targets = malloc(sizeof(int64_t) * (size_t)rows);
+    int rc = h && states && vpos && vtab && drafts && targets && scratch_alloc(&s, rows, hidden, R->head->vocab) == 0
+             ? 0 : -1;
     /* Position i of row r is verify row r (m + 1) + i, with row r's cache blocks at every layer. */
     for (int64_t r = 0; rc == 0 && r < n; r++) {
         for (int64_t i = 0; i <= m; i++) vpos[r * (m + 1) + i] = positions[r] + i;
@@ -191,28 +207,30 @@ static int round_sequential(const Round *R, int64_t *tokens, int64_t *positions,
     }
     if (rc == 0)
         rc = chain(R->blocks, R->depth, n, m + 1, m, tokens, positions, R->tables, R->width, R->block_size,
-                   R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, R->embed, hidden, R->draft_head, R->drafts,
+                   R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, R->embed, hidden, R->draft_head, drafts,
                    states, m + 1, h, &s, nthreads);
     if (rc == 0)
         rc = bitskip_decode_blocks(R->rest, R->nrest, states, rows, vpos, vtab, R->width, R->block_size,
                                    R->cache_k, R->cache_v, R->rope_cos, R->rope_sin, nthreads);
-    if (rc == 0) rc = head_argmax(R->head, states, rows, hidden, &s, R->targets, nthreads);
+    if (rc == 0) rc = head_argmax(R->head, states, rows, hidden, &s, targets, nthreads);
     for (int64_t l = 0; rc == 0 && l < R->depth + R->nrest; l++) R->ran[l] += rows;
-    for (int64_t r = 0; r < n; r++) R->known[r] = m + 1;
-    free(h), free(states), free(vpos), free(vtab), scratch_free(&s);
+    for (int64_t r = 0; rc == 0 && r < n; r++) accept(R, r, drafts + r * m, targets + r * (m + 1), m, m + 1);
+    free(h), free(states), free(vpos), free(vtab), free(drafts), free(targets), scratch_free(&s);
     return rc;
 }
 
-/* The pipelined round of row r: its buffers, and what the drafter has handed the verifier so far. */
+/* A pipelined verify of row r: its buffers, and what the drafter has handed the verifier so far. */
 typedef struct {
     const Round *R;
-    int64_t r, x0, position;    /* the row, its token x0 and x0's position */
+    int64_t r, x0, position, m;  /* the row, its token x0, x0's position, the drafts at most */
     int64_t *tables;             /* the row's cache blocks of layers 1..E [depth, 1, width] */
     float *h, *states;           /* the drafter's row; the layer-E states of x0, d1, .. [m + 1, hidden] */
     int64_t *vpos, *vtab;        /* the verify's positions and tables */
+    int64_t *drafts, *targets;   /* d1, d2, ..; the full model's token after x0, d1, .. */
+    int64_t known;               /* targets known: m + 1, or up to the first that rejects its draft */
     Scratch draft, verify;       /* each side's head buffers */
     atomic_llong ready;          /* positions whose layer-E state is in `states` */
-    atomic_llong drafted;        /* drafts made */
+    atomic_llong made;           /* drafts made */
     atomic_int stop;             /* the verify is over (a draft rejected, or every position verified) */
     atomic_int failed;           /* a side had no memory */
 } Pipe;
@@ -230,8 +248,8 @@ static void pipe_wait(const atomic_llong *counter, int64_t after, const atomic_i
  * computed, then the draft head's next token; stops before a block once the verify is over. */
 static void drafter(Pipe *p) {
     const Round *R = p->R;
-    int64_t token = p->x0, position = p->position, *drafts = R->drafts + p->r * R->m;
-    for (int64_t i = 0; i <= R->m; i++, position++) {
+    int64_t token = p->x0, position = p->position;
+    for (int64_t i = 0; i <= p->m; i++, position++) {
         memcpy(p->h, R->embed + token * R->hidden, sizeof(float) * (size_t)R->hidden);
         int64_t done = bitskip_decode_blocks_until(R->blocks, R->depth, p->h, 1, &position, p->tables, R->width,
                                                    R->block_size, R->cache_k, R->cache_v, R->rope_cos,
@@ -241,10 +259,10 @@ static void drafter(Pipe *p) {
         if (done < R->depth) return;  /* stopped */
         memcpy(p->states + i * R->hidden, p->h, sizeof(float) * (size_t)R->hidden);
         atomic_store_explicit(&p->ready, i + 1, memory_order_release);
-        if (i == R->m) return;
+        if (i == p->m) return;
         if (head_argmax(R->draft_head, p->h, 1, R->hidden, &p->draft, &token, 1) != 0) break;
-        drafts[i] = token;
-        atomic_store_explicit(&p->drafted, i + 1, memory_order_release);
+        p->drafts[i] = token;
+        atomic_store_explicit(&p->made, i + 1, memory_order_release);
     }
     atomic_store(&p->failed, 1);
 }
@@ -254,22 +272,22 @@ static void drafter(Pipe *p) {
 static void verifier(void *arg) {
     Pipe *p = arg;
     const Round *R = p->R;
-    int64_t v = 0, m = R->m, *drafts = R->drafts + p->r * m, *targets = R->targets + p->r * (m + 1);
+    int64_t v = 0, m = p->m;
     while (v <= m) {
         pipe_wait(&p->ready, v, &p->failed);
         if (atomic_load(&p->failed)) break;
         int64_t ready = atomic_load_explicit(&p->ready, memory_order_acquire);
-        if (verify(R, p->r, v, ready - v, p->position + v, p->states + v * R->hidden, &p->verify, p->vpos,
-                   p->vtab) != 0) {
+        if (verify(R, p->r, ready - v, p->position + v, p->states + v * R->hidden, &p->verify, p->vpos, p->vtab,
+                   p->targets + v) != 0) {
             atomic_store(&p->failed, 1);
             break;
         }
         for (; v < ready; v++) {
             if (v == m) goto over;
-            pipe_wait(&p->drafted, v, &p->failed);
+            pipe_wait(&p->made, v, &p->failed);
             if (atomic_load(&p->failed)) goto over;
-            if (drafts[v] != targets[v]) {
-                R->known[p->r] = v + 1;
+            if (p->drafts[v] != p->targets[v]) {
+                p->known = v + 1;
                 goto over;
             }
         }
@@ -278,50 +296,63 @@ over:
     atomic_store(&p->stop, 1);
 }
 
-/* Row r's round, pipelined: the drafter on this thread, the verifier on the worker (worker.c), or
- * one after the other when the worker is busy. Returns 0, or -1 without memory. */
+/* Row r's round, pipelined: verifies one after another, each drafting from the last token it
+ * emitted as far as the round's m + 1 positions reach, until they are all used. In each, the
+ * drafter runs on this thread and the verifier on the worker (worker.c), or one after the other
+ * when the worker is busy. Returns 0, or -1 without memory. */
 static int round_pipelined(const Round *R, int64_t r, int64_t token, int64_t position) {
-    int64_t m = R->m, hidden = R->hidden, width = R->width;
-    Pipe p = {.R = R, .r = r, .x0 = token, .position = position};
+    int64_t m = R->m, hidden = R->hidden, width = R->width, last = position + m;
+    Pipe p = {.R = R, .r = r};
     p.tables = malloc(sizeof(int64_t) * (size_t)(R->depth * width));
     p.h = malloc(sizeof(float) * (size_t)hidden);
     p.states = malloc(sizeof(float) * (size_t)((m + 1) * hidden));
     p.vpos = malloc(sizeof(int64_t) * (size_t)(m + 1));
     p.vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * (m + 1) * width));
-    int ok = p.tables && p.h && p.states && p.vpos && p.vtab;
+    p.drafts = malloc(sizeof(int64_t) * (size_t)(m + 1));
+    p.targets = malloc(sizeof(int64_t) * (size_t)(m + 1));
+    int ok = p.tables && p.h && p.states && p.vpos && p.vtab && p.drafts && p.targets;
     ok = scratch_alloc(&p.draft, 1, hidden, R->head->vocab) == 0 && ok;
     ok = scratch_alloc(&p.verify, VERIFY_HEAD_ROWS, hidden, R->head->vocab) == 0 && ok;
-    atomic_init(&p.ready, 0), atomic_init(&p.drafted, 0), atomic_init(&p.stop, 0), atomic_init(&p.failed, !ok);
-    R->known[r] = m + 1;
-    if (ok) {
-        row_tables(R, r, 0, R->depth, p.tables, 1, 0, 1);
+    atomic_init(&p.failed, !ok);
+    if (ok) row_tables(R, r, 0, R->depth, p.tables, 1, 0, 1);
+    /* Each verify writes positions position..position + p.m; the next starts at its last token. */
+    while (ok && position <= last) {
+        p.x0 = token, p.position = position, p.m = last - position, p.known = p.m + 1;
+        atomic_init(&p.ready, 0), atomic_init(&p.made, 0), atomic_init(&p.stop, 0);
         int64_t ticket = worker_start(verifier, &p);
         drafter(&p);
         if (ticket < 0)  /* no second thread after all: verify what was drafted */
             verifier(&p);
         else
             worker_wait(ticket);
+        if (atomic_load(&p.failed)) break;
+        int64_t kept = accept(R, r, p.drafts, p.targets, p.m, p.known);
+        token = p.targets[kept];
+        position += kept + 1;
     }
-    free(p.tables), free(p.h), free(p.states), free(p.vpos), free(p.vtab);
+    free(p.tables), free(p.h), free(p.states), free(p.vpos), free(p.vtab), free(p.drafts), free(p.targets);
     scratch_free(&p.draft), scratch_free(&p.verify);
     return atomic_load(&p.failed) ? -1 : 0;
 }
 
-/* A whole greedy round of n rows drafting m tokens each at exit `depth` and verified by blocks
- * depth+1..depth+nrest (`rest`: the first of them): tokens [n] x0 and positions [n] x0's,
- * tables [depth + nrest, n, width]. Writes drafts [n, m], targets [n, m + 1] (the full model's
- * argmax after x0, d1, .., d_m; row r's first known[r]) and adds each block's token-blocks run to
- * ran [depth + nrest]. With `pipeline`, each row's round in turn is pipelined on two threads and
- * ends at its first rejected draft (known[r]: up to the target that rejects it); else the rows'
- * rounds run together on `nthreads` (known[r] = m + 1). Returns 0, or -1 without memory. */
+/* A whole greedy round of n rows, each with room for m drafts (positions x0..x0 + m), at exit
+ * `depth`, verified by blocks depth+1..depth+nrest (`rest`: the first of them): tokens [n] x0 and
+ * positions [n] x0's, tables [depth + nrest, n, width]. Writes each row's tokens [n, m + 1] (the
+ * full model's greedy tokens after x0: emitted[r] of them) and, per verify v < verifies[r], the
+ * drafts it read and kept, drafted and accepted [n, m + 1]; adds each block's token-blocks run to
+ * ran [depth + nrest]. Without `pipeline` the rows draft m tokens each, then one verify on
+ * `nthreads` reads them all; with it, each row in turn is pipelined on two threads and its verifies
+ * follow one another (each ends at its first rejected draft) until the round's positions are
+ * used. Returns 0, or -1 without memory. */
 int bitskip_round_greedy(const void *blocks, const void *rest, int64_t depth, int64_t nrest, int64_t n,
                          int64_t m, int64_t *tokens, int64_t *positions, const int64_t *tables, int64_t width,
                          int64_t block_size, float *cache_k, float *cache_v, const float *rope_cos,
                          const float *rope_sin, const float *embed, int64_t hidden, const Head *draft_head,
-                         const Head *head, int64_t *drafts, int64_t *targets, int64_t *known, int64_t *ran,
-                         int pipeline, int nthreads) {
+                         const Head *head, int64_t *out, int64_t *emitted, int64_t *drafted, int64_t *accepted,
+                         int64_t *verifies, int64_t *ran, int pipeline, int nthreads) {
     Round R = {blocks, rest, depth, nrest, n, m, hidden, width, block_size, tables, cache_k, cache_v,
-               rope_cos, rope_sin, embed, draft_head, head, drafts, targets, known, ran};
+               rope_cos, rope_sin, embed, draft_head, head, out, emitted, drafted, accepted, verifies, ran};
+    for (int64_t r = 0; r < n; r++) emitted[r] = verifies[r] = 0;
     if (!pipeline) return round_sequential(&R, tokens, positions, nthreads);
     for (int64_t r = 0; r < n; r++)
         if (round_pipelined(&R, r, tokens[r], positions[r]) != 0) return -1;

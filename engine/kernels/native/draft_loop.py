@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -89,24 +90,37 @@ class GreedyDrafts:
 
     def round(self, depth: int, layers: int, m: int, tokens: list[int], starts: list[int], tables: torch.Tensor,
               block_size: int, cache_k: torch.Tensor, cache_v: torch.Tensor, rope_cos: torch.Tensor,
-              rope_sin: torch.Tensor) -> tuple[list[list[int]], list[list[int]], list[int]]:
-        """A greedy round of each row (x0 = tokens[r] at starts[r]): m drafts through blocks
-        1..depth, then the verify through blocks depth+1..layers, KV written at every layer for
-        positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous. Returns
-        each row's drafts and the full model's argmax after x0, d1, .. (m and m + 1; a pipelined
-        round, with `pipeline`, ends at its first rejected draft d_i: i of each, the last target
-        the full model's token in its place), and the token-blocks run at each layer. Plain
-        ctypes arrays in and out: no tensor is made per round."""
+              rope_sin: torch.Tensor) -> tuple[list[GreedyRound], list[int]]:
+        """A greedy round of each row (x0 = tokens[r] at starts[r]) with room for m drafts: drafts
+        through blocks 1..depth, verified through blocks depth+1..layers, KV written at every layer
+        for positions starts[r]..starts[r] + m; tables long [layers, rows, width] contiguous.
+        Without `pipeline` each row drafts m tokens and one verify reads them all; with it, a
+        row's verifies follow one another, each ending at its first rejected draft, until the
+        round's positions are used. Returns each row's GreedyRound and the token-blocks run at each
+        layer. Plain ctypes arrays in and out: no tensor is made per round."""
         n, i64 = len(tokens), ctypes.c_int64
         token, position = (i64 * n)(*tokens), (i64 * n)(*starts)
-        drafts, targets, known, ran = (i64 * (n * m))(), (i64 * (n * (m + 1)))(), (i64 * n)(), (i64 * layers)()
+        out, drafted, accepted = (i64 * (n * (m + 1)))(), (i64 * (n * (m + 1)))(), (i64 * (n * (m + 1)))()
+        emitted, verifies, ran = (i64 * n)(), (i64 * n)(), (i64 * layers)()
         b = self.blocks
         if b.lib.bitskip_round_greedy(
                 b._base, b._base + depth * b._size, depth, layers - depth, n, m, token, position,
                 tables.data_ptr(), tables.shape[2], block_size, cache_k.data_ptr(), cache_v.data_ptr(),
                 rope_cos.data_ptr(), rope_sin.data_ptr(), self.embed.data_ptr(), self.embed.shape[1],
-                ctypes.byref(self._draft_head), ctypes.byref(self._head), drafts, targets, known, ran,
-                int(self.pipeline), torch.get_num_threads()) != 0:
+                ctypes.byref(self._draft_head), ctypes.byref(self._head), out, emitted, drafted, accepted,
+                verifies, ran, int(self.pipeline), torch.get_num_threads()) != 0:
             raise MemoryError("native greedy round: out of memory for its buffers")
-        return ([drafts[r * m:r * m + min(known[r], m)] for r in range(n)],
-                [targets[r * (m + 1):r * (m + 1) + known[r]] for r in range(n)], list(ran))
+        w = m + 1
+        return [GreedyRound(out[r * w:r * w + emitted[r]],
+                            list(zip(drafted[r * w:r * w + verifies[r]], accepted[r * w:r * w + verifies[r]])))
+                for r in range(n)], list(ran)
+
+
+@dataclass
+class GreedyRound:
+    """A sequence's greedy round, verified: the full model's tokens it emits (those after x0), and
+    (drafts read, drafts kept) of each of its verifies, in order: verify j emits its kept drafts
+    and the full model's own next token."""
+
+    tokens: list[int]
+    verifies: list[tuple[int, int]]
