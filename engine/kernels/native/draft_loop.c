@@ -8,18 +8,21 @@
  * A round (bitskip_round_greedy): the drafts, then d_m runs blocks 1..E too, and blocks E+1..L run
  * over the m + 1 kept states (x0, d1, .., d_m in position order: each writes its KV before it
  * attends), then the final norm, the exact head and its argmax at every position: the full model's
- * own token after each of them, which the caller compares with the drafts. What the engine does
- * through the runner for a greedy round (a draft call, then a verify row in the step's forward),
- * without the trips through Python: on a small model they cost as much as the blocks.
+ * own token after each of them; the round keeps the drafts that agree with it up to the first that
+ * does not, then the full model's own token. What the engine does through the runner for a greedy
+ * round (a draft call, then a verify row in the step's forward), without the trips through
+ * Python: on a small model they cost as much as the blocks.
  *
  * A round may instead be pipelined on two threads, one sequence after another: one thread drafts
  * (blocks 1..E and the draft head, position after position) while the other, the worker
- * (worker.c), verifies (blocks E+1..L and the exact head over every state drafted so far), and the
- * sequence's round ends at the first draft the full model rejects, the drafter stopping before its
- * next block. On a CPU where one row's block is too small to share between threads, this is what a
- * second core can do for a stream: a kept token costs the longer of the two halves, not their sum,
- * and no draft past a rejected one is computed. The arithmetic of every block and head is the same
- * whichever thread runs it, so the round's tokens and KV are those of the sequential round.
+ * (worker.c), verifies (blocks E+1..L and the exact head over every state drafted so far). A
+ * verify ends at the first draft the full model rejects, the drafter stopping before its next
+ * block, and the next verify drafts from the full model's token, until the round's m + 1 positions
+ * are emitted. On a CPU where one row's block is too small to share between threads, this is what
+ * a second core can do for a stream: a kept token costs the longer of the two halves, not their
+ * sum, and no draft past a rejected one is computed. The arithmetic of every block and head is the
+ * same whichever thread runs it, so the tokens and KV are the full model's, as the sequential
+ * round's are.
  *
  * The draft head (Head.approx) may be an estimate (draft_head.c): a draft is kept only where the
  * verify's exact argmax equals it, so what the round emits is the full model's output whatever the

@@ -1,7 +1,7 @@
 """ctypes binding of draft_loop.c: a speculative round's greedy drafts, every draft of every row
 in one native call (blocks 1..E, the final norm, the draft head's argmax, the next token's
-embedding), or the whole greedy round (the drafts, then blocks E+1..L over every drafted position
-and the exact head's argmax at each: the full model's tokens, for the caller to compare)."""
+embedding), or the whole greedy round, verified (blocks E+1..L over the drafted positions and the
+exact head's argmax at each: the full model's tokens), sequential or pipelined on two cores."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ class GreedyDrafts:
         self._copy = copy  # kept too: the draft head reads its codes
         self._head = self._struct(self._screened, False)
         self._draft_head = self._struct(copy, True) if self.estimated else self._head
-        # Each sequence's round drafts on one core while another verifies (draft_loop.c), ending
-        # at its first rejected draft. A block of one row is too small to share between threads,
-        # so this is how a second core speeds up a stream; off, the rounds of a step run together
-        # on the engine's threads, every draft verified.
+        # Each sequence's round drafts on one core while another verifies (draft_loop.c), each
+        # verify ending at its first rejected draft. A block of one row is too small to share
+        # between threads, so this is how a second core speeds up a stream; off, the rounds of a
+        # step run together on the engine's threads, one verify each, every draft read.
         self.pipeline = len(os.sched_getaffinity(0)) >= 2
 
     def _struct(self, copy: ScreenedHead | None, approx: bool) -> _Head:
