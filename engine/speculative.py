@@ -26,6 +26,12 @@ it is the standard speculative sampling rule (draft distribution q from exit E, 
 exit L, both after the request's temperature, top-k and top-p): accept d with probability
 min(1, p(d) / q(d)), on rejection draw from max(0, p - q) renormalised, after m acceptances draw
 from p. Each emitted token is then distributed exactly as full-depth sampling would draw it.
+
+A greedy round that reads nothing but argmaxes runs whole in one native call instead
+(`ModelRunner.greedy_rounds`, engine/kernels/native/draft_loop.c), pipelined on two cores where
+there are two: one drafts while the other verifies, each verify ending at its first rejected
+draft and the next drafting from the full model's token, until the round's m + 1 positions are
+emitted; the round comes back verified (`take_round`).
 """
 
 from __future__ import annotations
@@ -170,9 +176,9 @@ class Speculation:
     def verify(self, seq: Sequence, result: RowResult | None,
                adjust: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> list[int]:
         """Verify the round from its verify row's result (the head at L after x0, d1, .., d_m,
-        computed in the step's one head call at L with the other rows' logits), or from its
-        targets when it ran natively (`result` None), and return the tokens to emit, having moved
-        the sequence's computed length past the accepted ones."""
+        computed in the step's one head call at L with the other rows' logits), or take the
+        round the runner verified natively (`result` None), and return the tokens to emit, having
+        moved the sequence's computed length past the accepted ones."""
         params = seq.params
         if result is None:
             tokens, self.verifies = self.native.tokens, self.native.verifies
