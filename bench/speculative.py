@@ -6,7 +6,7 @@
 Single stream: greedy decode of held-out prompts in this process, one request at a time, every
 configuration (full depth and each (E, k)) timed in each repeat, interleaved; decode time from the
 first token to the last (the first token comes from the prompt's full-depth step either way).
-On a machine with two cores or more a round of one stream is pipelined (engine/kernels/native/
+On a machine with two cores or more each stream's round is pipelined (engine/kernels/native/
 draft_loop.c: one core drafts while the other verifies), as the server runs it; full depth runs a
 block of one row on one core at any thread count (too small to share). `--no-pipeline` times the
 sequential round instead. `--cpu-time` times by the process's CPU time (both cores of a pipelined

@@ -16,7 +16,6 @@ pending tokens that join at the block after it.
 from __future__ import annotations
 
 import array
-
 from dataclasses import dataclass, field
 from typing import Literal
 

@@ -124,7 +124,7 @@ int bitskip_draft_greedy(const void *blocks, int64_t depth, int64_t n, int64_t m
                          float *cache_k, float *cache_v, const float *rope_cos, const float *rope_sin,
                          const float *embed, int64_t hidden, const Head *head, int64_t *drafts, float *states,
                          int nthreads) {
-    Scratch s;
+    Scratch s = {0};  /* freed whole even when an earlier buffer is missing */
     float *h = malloc(sizeof(float) * (size_t)(n * hidden));
     int rc = h && scratch_alloc(&s, n, hidden, head->vocab) == 0 ? 0 : -1;
     if (rc == 0)
@@ -196,7 +196,7 @@ static int verify(const Round *R, int64_t r, int64_t rows, int64_t position, flo
 /* The sequential round (any n): every draft, then one verify over all n (m + 1) positions. */
 static int round_sequential(const Round *R, int64_t *tokens, int64_t *positions, int nthreads) {
     int64_t n = R->n, m = R->m, rows = n * (m + 1), hidden = R->hidden;
-    Scratch s;
+    Scratch s = {0};  /* freed whole even when an earlier buffer is missing */
     float *h = malloc(sizeof(float) * (size_t)(n * hidden)), *states = malloc(sizeof(float) * (size_t)(rows * hidden));
     int64_t *vpos = malloc(sizeof(int64_t) * (size_t)rows);
     int64_t *vtab = malloc(sizeof(int64_t) * (size_t)(R->nrest * rows * R->width));
